@@ -1,0 +1,197 @@
+//! How a bookmark becomes a JSONB value, and back.
+//!
+//! Most values are stored as themselves, so the table stays readable with
+//! plain SQL. Two kinds of value cannot be, and are wrapped in an *envelope*,
+//! a one-key object whose string member is the value's JSON text:
+//!
+//! ```json
+//! {"$faucet_state_encoded": "{\"cursor\":\"a\\u0000b\"}"}
+//! ```
+//!
+//! 1. Values holding U+0000 in any string or object key: JSONB rejects that
+//!    code point, but its escaped form `\u0000` in the JSON text is ordinary
+//!    characters.
+//! 2. Objects that already have a top-level `$faucet_state_encoded` member, so
+//!    that a user value can never be mistaken for an envelope.
+//!
+//! Decoding unwraps exactly the objects that have one member, named
+//! `$faucet_state_encoded`, holding a string. Because encoding wraps every
+//! object with that member (a superset), the mapping is one-to-one.
+
+use serde_json::Value;
+
+use crate::error::StoreError;
+
+/// Name of the single member of an envelope object.
+pub const ENVELOPE_KEY: &str = "$faucet_state_encoded";
+
+/// Deepest nesting of arrays and objects a value may have.
+///
+/// serde_json refuses to parse deeper documents (its recursion limit is 128),
+/// so a deeper value could be written but never read back. Refusing it at
+/// `put` also keeps every recursive walk of a stored value far from the end
+/// of the stack.
+pub const MAX_DEPTH: usize = 127;
+
+/// Serializes `value` for storage, wrapping it in an envelope when needed.
+///
+/// Returns the JSON text to bind as the row's value; its length is what the
+/// size limit measures.
+pub(crate) fn encode(key: &str, value: &Value, max_bytes: usize) -> Result<String, StoreError> {
+    let shape = inspect(value);
+    if shape.depth > MAX_DEPTH {
+        return Err(StoreError::ValueTooDeep {
+            key: key.to_owned(),
+            depth: shape.depth,
+            limit: MAX_DEPTH,
+        });
+    }
+    let text = serde_json::to_string(value).map_err(|source| StoreError::Serialize {
+        key: key.to_owned(),
+        source,
+    })?;
+    let looks_like_envelope = value
+        .as_object()
+        .is_some_and(|map| map.contains_key(ENVELOPE_KEY));
+    let stored = if shape.has_nul || looks_like_envelope {
+        let mut envelope = serde_json::Map::with_capacity(1);
+        envelope.insert(ENVELOPE_KEY.to_owned(), Value::String(text));
+        serde_json::to_string(&Value::Object(envelope)).map_err(|source| {
+            StoreError::Serialize {
+                key: key.to_owned(),
+                source,
+            }
+        })?
+    } else {
+        text
+    };
+    if stored.len() > max_bytes {
+        return Err(StoreError::ValueTooLarge {
+            key: key.to_owned(),
+            size: stored.len(),
+            limit: max_bytes,
+        });
+    }
+    Ok(stored)
+}
+
+/// Turns a stored JSONB value back into the value that was put.
+pub(crate) fn decode(key: &str, table: &str, stored: Value) -> Result<Value, StoreError> {
+    let Value::Object(map) = &stored else {
+        return Ok(stored);
+    };
+    let text = match map.get(ENVELOPE_KEY) {
+        Some(Value::String(text)) if map.len() == 1 => text,
+        _ => return Ok(stored),
+    };
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        table: table.to_owned(),
+        reason: format!("the envelope's JSON text does not parse: {e}"),
+    })
+}
+
+struct Shape {
+    depth: usize,
+    has_nul: bool,
+}
+
+/// Measures nesting depth and looks for U+0000, without recursion, so that a
+/// pathologically deep value cannot overflow the stack here.
+fn inspect(value: &Value) -> Shape {
+    let mut shape = Shape {
+        depth: 0,
+        has_nul: false,
+    };
+    let mut pending: Vec<(&Value, usize)> = vec![(value, 0)];
+    while let Some((value, depth)) = pending.pop() {
+        match value {
+            Value::String(s) => shape.has_nul |= s.contains('\0'),
+            Value::Array(items) => {
+                shape.depth = shape.depth.max(depth + 1);
+                pending.extend(items.iter().map(|v| (v, depth + 1)));
+            }
+            Value::Object(map) => {
+                shape.depth = shape.depth.max(depth + 1);
+                for (k, v) in map {
+                    shape.has_nul |= k.contains('\0');
+                    pending.push((v, depth + 1));
+                }
+            }
+            Value::Null | Value::Bool(_) | Value::Number(_) => {}
+        }
+    }
+    shape
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn round_trip(value: Value) -> Value {
+        let text = encode("k", &value, usize::MAX).unwrap();
+        assert!(!text.contains('\0'), "stored text holds a raw NUL");
+        decode("k", "t", serde_json::from_str(&text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn plain_values_are_stored_as_themselves() {
+        let value = json!({"cursor": "abc", "n": [1, 2.5, null, true]});
+        assert_eq!(encode("k", &value, usize::MAX).unwrap(), value.to_string());
+        assert_eq!(round_trip(value.clone()), value);
+    }
+
+    #[test]
+    fn nul_in_strings_and_keys_round_trips_through_an_envelope() {
+        for value in [
+            json!("a\u{0}b"),
+            json!({"k\u{0}": 1}),
+            json!([{"deep": ["x\u{0}"]}]),
+        ] {
+            let text = encode("k", &value, usize::MAX).unwrap();
+            assert!(text.starts_with("{\"$faucet_state_encoded\""), "{text}");
+            assert_eq!(round_trip(value.clone()), value);
+        }
+    }
+
+    #[test]
+    fn user_objects_shaped_like_an_envelope_survive() {
+        for value in [
+            json!({ENVELOPE_KEY: "[1,2]"}),
+            json!({ENVELOPE_KEY: 5}),
+            json!({ENVELOPE_KEY: "x", "other": 1}),
+        ] {
+            assert_eq!(round_trip(value.clone()), value);
+        }
+    }
+
+    #[test]
+    fn size_limit_counts_the_stored_text() {
+        let value = json!("x".repeat(100));
+        let size = value.to_string().len();
+        assert!(encode("k", &value, size).is_ok());
+        let err = encode("big", &value, size - 1).unwrap_err().to_string();
+        assert!(err.contains("'big'") && err.contains(&size.to_string()), "{err}");
+    }
+
+    #[test]
+    fn depth_limit_matches_what_serde_json_can_read_back() {
+        let nest = |levels: usize| -> Value {
+            (0..levels).fold(json!(1), |inner, _| json!([inner]))
+        };
+        let deepest = nest(MAX_DEPTH);
+        let text = encode("k", &deepest, usize::MAX).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), deepest);
+        let err = encode("k", &nest(MAX_DEPTH + 1), usize::MAX).unwrap_err();
+        assert!(err.to_string().contains("nests 128 levels"), "{err}");
+        assert!(serde_json::from_str::<Value>(&nest(MAX_DEPTH + 1).to_string()).is_err());
+    }
+
+    #[test]
+    fn corrupt_envelope_is_reported_with_key_and_table() {
+        let err = decode("key1", "tab", json!({ENVELOPE_KEY: "{not json"})).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("key1") && msg.contains("tab"), "{msg}");
+    }
+}

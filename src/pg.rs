@@ -1,0 +1,373 @@
+//! The plain store: every operation is one statement, durable on return.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fmt;
+use std::future::Future;
+
+use async_trait::async_trait;
+use faucet_core::check::{CheckContext, CheckReport};
+use faucet_core::state::{StateStore, validate_state_key};
+use faucet_core::FaucetError;
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::types::Json;
+
+use crate::codec;
+use crate::config::{
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_VALUE_BYTES, DEFAULT_TABLE, TableName,
+    validate_max_connections, validate_prefix,
+};
+use crate::connect::connect_pool;
+use crate::error::{StoreError, describe_sqlx, is_connection_lost};
+use crate::sql::Statements;
+use crate::{probe, schema};
+
+/// A [`StateStore`] that keeps each bookmark in one row of a PostgreSQL table.
+///
+/// Every call is a single statement: `get` one `SELECT`, `put` one upsert,
+/// `delete` one `DELETE`. A `put` or `delete` is committed, and so durable,
+/// when it returns. The store is cheap to share: wrap it in an `Arc`.
+///
+/// The table has the layout `key TEXT PRIMARY KEY, value JSONB NOT NULL,
+/// updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW()`; create it with
+/// [`ensure_table`](Self::ensure_table) or out of band.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use faucet_core::state::StateStore;
+/// use faucet_state_postgres::PostgresStateStore;
+///
+/// # async fn run() -> Result<(), faucet_core::FaucetError> {
+/// let store = PostgresStateStore::connect("postgres://app:secret@localhost/app").await?;
+/// store.ensure_table().await?;
+/// store.put("orders:cursor", &serde_json::json!({"id": 42})).await?;
+/// assert_eq!(
+///     store.get("orders:cursor").await?,
+///     Some(serde_json::json!({"id": 42}))
+/// );
+/// let shared: Arc<dyn StateStore> = Arc::new(store); // for Pipeline::with_state_store
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStateStore {
+    pool: PgPool,
+    table: TableName,
+    sql: Statements,
+    max_value_bytes: usize,
+}
+
+impl PostgresStateStore {
+    /// Connects with a pool of 5 connections and the table `faucet_state`.
+    ///
+    /// One connection is opened before this returns, so a wrong URL, password
+    /// or address fails here, with a message that names the target (password
+    /// redacted) and what to fix.
+    pub async fn connect(url: &str) -> Result<Self, FaucetError> {
+        Self::connect_with(url, DEFAULT_MAX_CONNECTIONS, DEFAULT_TABLE).await
+    }
+
+    /// Connects with `max_connections` pooled connections to `table`.
+    ///
+    /// The table name and pool size are checked before anything is sent: a
+    /// table name is 1 to 63 ASCII letters, digits or `_`, and the pool needs
+    /// at least one connection.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), faucet_core::FaucetError> {
+    /// let store = faucet_state_postgres::PostgresStateStore::connect_with(
+    ///     "postgres://app@localhost/app", 2, "pipeline_state",
+    /// ).await?;
+    /// assert_eq!(store.table(), "pipeline_state");
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_with(
+        url: &str,
+        max_connections: u32,
+        table: &str,
+    ) -> Result<Self, FaucetError> {
+        let table = TableName::parse(table)?;
+        let max_connections = validate_max_connections(max_connections)?;
+        let pool = connect_pool(url, max_connections).await?;
+        Ok(Self::with_table(pool, table))
+    }
+
+    /// Uses a pool the caller built, for example one shared with the rest of
+    /// an application. Nothing is sent until the first operation.
+    ///
+    /// The pool's own settings apply. Note that sqlx pings a connection on
+    /// every acquire unless the pool was built with
+    /// `test_before_acquire(false)`, which the other constructors do (see the
+    /// crate docs on dead-connection detection).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let pool = sqlx::postgres::PgPoolOptions::new()
+    ///     .connect_lazy("postgres://app@localhost/app")
+    ///     .unwrap();
+    /// let store = faucet_state_postgres::PostgresStateStore::from_pool(pool, "state").unwrap();
+    /// assert_eq!(store.table(), "state");
+    /// assert!(faucet_state_postgres::PostgresStateStore::from_pool(
+    ///     store.pool().clone(), "bad-name").is_err());
+    /// # }
+    /// ```
+    pub fn from_pool(pool: PgPool, table: &str) -> Result<Self, FaucetError> {
+        Ok(Self::with_table(pool, TableName::parse(table)?))
+    }
+
+    fn with_table(pool: PgPool, table: TableName) -> Self {
+        Self {
+            pool,
+            sql: Statements::new(&table),
+            table,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
+
+    /// Sets the largest encoded value, in bytes, that `put` accepts (default
+    /// [`DEFAULT_MAX_VALUE_BYTES`], 16 MiB). A larger value is refused with an
+    /// error naming the key and both sizes, before anything is sent.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://localhost/x").unwrap();
+    /// use faucet_core::state::StateStore;
+    /// let store = faucet_state_postgres::PostgresStateStore::from_pool(pool, "state")
+    ///     .unwrap()
+    ///     .with_max_value_bytes(64);
+    /// let err = store.put("k", &serde_json::json!("x".repeat(100))).await.unwrap_err();
+    /// assert!(err.to_string().contains("over the limit of 64 bytes"));
+    /// # }
+    /// ```
+    pub fn with_max_value_bytes(mut self, limit: usize) -> Self {
+        self.max_value_bytes = limit;
+        self
+    }
+
+    /// The largest encoded value, in bytes, that `put` accepts.
+    pub fn max_value_bytes(&self) -> usize {
+        self.max_value_bytes
+    }
+
+    /// The table name, as given (unquoted).
+    pub fn table(&self) -> &str {
+        self.table.as_str()
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates the table if it does not exist.
+    ///
+    /// A table that already has the state-store layout is left alone and no
+    /// DDL is sent, so a role with only `SELECT, INSERT, UPDATE, DELETE` may
+    /// call this. If the table is missing and the role may not create it, the
+    /// error says so and gives the `CREATE TABLE` statement to run out of band.
+    /// A relation of that name with another layout is an error naming the
+    /// difference.
+    pub async fn ensure_table(&self) -> Result<(), FaucetError> {
+        Ok(schema::ensure(&self.pool, &self.table).await?)
+    }
+
+    /// Writes many entries in one statement, atomically: all or none.
+    ///
+    /// When a key appears more than once, its last entry wins. Every key and
+    /// value is checked before anything is sent. An empty slice sends nothing.
+    /// The whole batch travels in one message, which PostgreSQL caps at 1 GiB.
+    ///
+    /// ```no_run
+    /// # async fn run(store: faucet_state_postgres::PostgresStateStore) -> Result<(), faucet_core::FaucetError> {
+    /// use serde_json::json;
+    /// store.put_many(&[("a", json!(1)), ("b", json!(2)), ("a", json!(3))]).await?;
+    /// assert_eq!(store.get_many(&["a", "b", "c"]).await?, vec![Some(json!(3)), Some(json!(2)), None]);
+    /// # Ok(()) }
+    /// ```
+    pub async fn put_many<K: AsRef<str>>(&self, entries: &[(K, Value)]) -> Result<(), FaucetError> {
+        let mut slot_of: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
+        let mut keys: Vec<&str> = Vec::with_capacity(entries.len());
+        let mut texts: Vec<String> = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            let key = key.as_ref();
+            validate_state_key(key)?;
+            let text = codec::encode(key, value, self.max_value_bytes)?;
+            match slot_of.entry(key) {
+                Entry::Occupied(slot) => texts[*slot.get()] = text,
+                Entry::Vacant(slot) => {
+                    slot.insert(keys.len());
+                    keys.push(key);
+                    texts.push(text);
+                }
+            }
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let (keys, texts) = (&keys, &texts);
+        self.run("put_many", || {
+            sqlx::query(&self.sql.put_many)
+                .bind(keys)
+                .bind(texts)
+                .execute(&self.pool)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes many keys in one statement, atomically. Missing keys are not an
+    /// error; an empty slice sends nothing.
+    pub async fn delete_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<(), FaucetError> {
+        let keys = validated_keys(keys)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let keys = &keys;
+        self.run("delete_many", || {
+            sqlx::query(&self.sql.delete_many)
+                .bind(keys)
+                .execute(&self.pool)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Reads many keys in one statement. The result is aligned with `keys`:
+    /// `None` where a key has no row.
+    pub async fn get_many<K: AsRef<str>>(
+        &self,
+        keys: &[K],
+    ) -> Result<Vec<Option<Value>>, FaucetError> {
+        let keys = validated_keys(keys)?;
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys_ref = &keys;
+        let rows: Vec<(String, Json<Value>)> = self
+            .run("get_many", || {
+                sqlx::query_as(&self.sql.get_many)
+                    .bind(keys_ref)
+                    .fetch_all(&self.pool)
+            })
+            .await?;
+        let mut found: HashMap<String, Value> = HashMap::with_capacity(rows.len());
+        for (key, Json(stored)) in rows {
+            let value = codec::decode(&key, self.table(), stored)?;
+            found.insert(key, value);
+        }
+        Ok(keys.iter().map(|k| found.get(*k).cloned()).collect())
+    }
+
+    /// Lists the keys that start with `prefix`, in byte order.
+    ///
+    /// The prefix is matched literally (no `LIKE` wildcards) and may only hold
+    /// characters a key may hold; the empty prefix lists every key.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, FaucetError> {
+        validate_prefix(prefix)?;
+        Ok(self
+            .run("list", || {
+                sqlx::query_scalar(&self.sql.list)
+                    .bind(prefix)
+                    .fetch_all(&self.pool)
+            })
+            .await?)
+    }
+
+    /// Runs one statement, and once more on another connection if the first
+    /// attempt lost its connection (see the crate docs: every statement is
+    /// idempotent, so the retry cannot change the outcome).
+    async fn run<T, F, Fut>(&self, op: &'static str, attempt: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let result = match attempt().await {
+            Err(e) if is_connection_lost(&e) => {
+                tracing::debug!(op, table = self.table(), error = %e, "connection lost; retrying once");
+                attempt().await
+            }
+            other => other,
+        };
+        result.map_err(|e| StoreError::Query {
+            op,
+            table: self.table().to_owned(),
+            reason: describe_sqlx(&e),
+        })
+    }
+}
+
+fn validated_keys<K: AsRef<str>>(keys: &[K]) -> Result<Vec<&str>, FaucetError> {
+    keys.iter()
+        .map(|k| {
+            let k = k.as_ref();
+            validate_state_key(k).map(|()| k)
+        })
+        .collect()
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl StateStore for PostgresStateStore {
+    async fn get(&self, key: &str) -> Result<Option<Value>, FaucetError> {
+        validate_state_key(key)?;
+        let stored: Option<Json<Value>> = self
+            .run("get", || {
+                sqlx::query_scalar(&self.sql.get)
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+            })
+            .await?;
+        match stored {
+            Some(Json(stored)) => Ok(Some(codec::decode(key, self.table(), stored)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn put(&self, key: &str, value: &Value) -> Result<(), FaucetError> {
+        validate_state_key(key)?;
+        let text = codec::encode(key, value, self.max_value_bytes)?;
+        let text = text.as_str();
+        self.run("put", || {
+            sqlx::query(&self.sql.put)
+                .bind(key)
+                .bind(text)
+                .execute(&self.pool)
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), FaucetError> {
+        validate_state_key(key)?;
+        self.run("delete", || {
+            sqlx::query(&self.sql.delete)
+                .bind(key)
+                .execute(&self.pool)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Three probes, each bounded by `ctx.timeout`: `connect` (reach the
+    /// server, authenticate), `table` (present, with the right layout) and
+    /// `sentinel` (write, read back and delete
+    /// [`DOCTOR_SENTINEL_KEY`](faucet_core::state::DOCTOR_SENTINEL_KEY) inside
+    /// a transaction that is rolled back, so no row is left behind even if
+    /// the probe is interrupted). A failing probe carries a hint.
+    async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError> {
+        Ok(probe::run(&self.pool, &self.table, &self.sql, ctx).await)
+    }
+}
+
+impl fmt::Debug for PostgresStateStore {
+    /// Shows the table and pool size; never connection options, which may
+    /// hold a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStateStore")
+            .field("table", &self.table.as_str())
+            .field("max_connections", &self.pool.options().get_max_connections())
+            .field("open_connections", &self.pool.size())
+            .field("max_value_bytes", &self.max_value_bytes)
+            .finish()
+    }
+}

@@ -1,0 +1,147 @@
+//! The `faucet doctor` probe of a PostgreSQL-backed store.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use faucet_core::check::{CheckContext, CheckReport, Probe};
+use faucet_core::state::DOCTOR_SENTINEL_KEY;
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::types::Json;
+
+use crate::config::TableName;
+use crate::error::{cause_of, hint_for};
+use crate::schema::{self, Layout};
+use crate::sql::{self, Statements};
+
+/// Runs the `connect`, `table` and `sentinel` probes in order; a failed probe
+/// skips the ones that depend on it. Never returns an error: every failure is
+/// a failing probe with a reason and a hint.
+pub(crate) async fn run(
+    pool: &PgPool,
+    table: &TableName,
+    statements: &Statements,
+    ctx: &CheckContext,
+) -> CheckReport {
+    let mut report = CheckReport::default();
+    let started = Instant::now();
+    let connected = timed("connect", ctx.timeout, async {
+        sqlx::query_as::<_, (String, String)>(sql::WHOAMI)
+            .fetch_one(pool)
+            .await
+    })
+    .await;
+    if let Err(failed) = connected {
+        report.probes.push(failed);
+        report.probes.push(Probe::skip("table", "not connected"));
+        report.probes.push(Probe::skip("sentinel", "not connected"));
+        return report;
+    }
+    report.probes.push(Probe::pass("connect", started.elapsed()));
+
+    let started = Instant::now();
+    let layout = timed("table", ctx.timeout, schema::inspect(pool, table)).await;
+    let table_probe = match layout {
+        Ok(Layout::Ready) => Probe::pass("table", started.elapsed()),
+        Ok(Layout::Missing) => Probe::fail_hint(
+            "table",
+            started.elapsed(),
+            format!("table \"{}\" does not exist", table.as_str()),
+            format!(
+                "call ensure_table(), or create it out of band: {}",
+                sql::create_table_sql(table)
+            ),
+        ),
+        Ok(Layout::Wrong(problem)) => Probe::fail_hint(
+            "table",
+            started.elapsed(),
+            format!("table \"{}\" has another layout: {problem}", table.as_str()),
+            "use another table name, or migrate the table to (key TEXT PRIMARY KEY, \
+             value JSONB NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW())",
+        ),
+        Err(failed) => failed,
+    };
+    let table_ok = matches!(table_probe.status, faucet_core::check::ProbeStatus::Pass);
+    report.probes.push(table_probe);
+    if !table_ok {
+        report
+            .probes
+            .push(Probe::skip("sentinel", "the table is not usable"));
+        return report;
+    }
+
+    let started = Instant::now();
+    let sentinel = timed(
+        "sentinel",
+        ctx.timeout,
+        sentinel_round_trip(pool, statements),
+    )
+    .await;
+    report.probes.push(match sentinel {
+        Ok(None) => Probe::pass("sentinel", started.elapsed()),
+        Ok(Some(mismatch)) => Probe::fail_hint(
+            "sentinel",
+            started.elapsed(),
+            mismatch,
+            "another writer or a trigger changes rows of this table; give the store a table of its own",
+        ),
+        Err(failed) => failed,
+    });
+    report
+}
+
+/// Writes, reads back and deletes the sentinel inside a transaction that is
+/// always rolled back. Returns a description of any mismatch.
+async fn sentinel_round_trip(
+    pool: &PgPool,
+    statements: &Statements,
+) -> Result<Option<String>, sqlx::Error> {
+    let probe_value = json!({"probe": "faucet doctor"});
+    let mut tx = pool.begin().await?;
+    sqlx::query(&statements.put)
+        .bind(DOCTOR_SENTINEL_KEY)
+        .bind(probe_value.to_string())
+        .execute(&mut *tx)
+        .await?;
+    let read: Option<Json<serde_json::Value>> = sqlx::query_scalar(&statements.get)
+        .bind(DOCTOR_SENTINEL_KEY)
+        .fetch_optional(&mut *tx)
+        .await?;
+    sqlx::query(&statements.delete)
+        .bind(DOCTOR_SENTINEL_KEY)
+        .execute(&mut *tx)
+        .await?;
+    tx.rollback().await?;
+    Ok(match read {
+        Some(Json(v)) if v == probe_value => None,
+        other => Some(format!(
+            "wrote {probe_value} to the sentinel key but read back {:?}",
+            other.map(|Json(v)| v)
+        )),
+    })
+}
+
+/// Runs one probe step under the doctor's time budget, turning an error or a
+/// time-out into a failing probe with a hint.
+async fn timed<T>(
+    name: &'static str,
+    budget: Duration,
+    step: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, Probe> {
+    let started = Instant::now();
+    match tokio::time::timeout(budget, step).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(Probe::fail_hint(
+            name,
+            started.elapsed(),
+            cause_of(&e),
+            hint_for(&e).unwrap_or("see the reason; the server log may say more"),
+        )),
+        Err(_) => Err(Probe::fail_hint(
+            name,
+            started.elapsed(),
+            format!("no answer within {budget:?}"),
+            "the server may be down, unreachable or overloaded",
+        )),
+    }
+}

@@ -1,0 +1,314 @@
+//! Throwaway PostgreSQL servers for tests, examples and benches.
+//!
+//! `database_url()` returns `DATABASE_URL` when it is set. Otherwise it starts
+//! one server per process from the local binaries (found on `PATH`, then under
+//! `/usr/lib/postgresql/*/bin`), in a temp dir, listening on a free loopback
+//! port, with password authentication. A watchdog process stops the server
+//! and removes its directory once this process exits, however it exits.
+//!
+//! PostgreSQL refuses to run as root; when this process is root the server
+//! runs as the unprivileged `postgres` account.
+//!
+//! Tests must not share rows: each takes its own table from `unique_table()`.
+//!
+//! Examples and benches include this file with `#[path]`, so it uses nothing
+//! beyond std.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::os::unix::fs::chown;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Superuser password of every throwaway server.
+pub const SUPERUSER_PASSWORD: &str = "throwaway-superuser-pw";
+
+/// The server for this process: `DATABASE_URL`, or a throwaway one.
+pub fn database_url() -> String {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        if !url.is_empty() {
+            return url;
+        }
+    }
+    static SHARED: OnceLock<PgServer> = OnceLock::new();
+    SHARED.get_or_init(PgServer::start).url()
+}
+
+/// Whether the tests run against a throwaway server (which they may stop,
+/// reconfigure and add roles to) rather than one named by `DATABASE_URL`.
+pub fn is_throwaway() -> bool {
+    std::env::var("DATABASE_URL").map_or(true, |u| u.is_empty())
+}
+
+/// A table name no other test in this run uses.
+pub fn unique_table(tag: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tag: String = tag
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(36)
+        .collect();
+    format!("t_{tag}_{}_{n}", std::process::id())
+}
+
+/// A PostgreSQL server in a temp dir, stopped and removed on drop.
+pub struct PgServer {
+    root: PathBuf,
+    data: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    run_as: Option<(u32, u32)>,
+}
+
+impl PgServer {
+    /// Creates a cluster and starts it. Panics with instructions when no
+    /// PostgreSQL binaries can be found.
+    pub fn start() -> PgServer {
+        let bin = find_bin_dir().unwrap_or_else(|| {
+            panic!(
+                "no PostgreSQL server binaries (initdb, pg_ctl) on PATH or under \
+                 /usr/lib/postgresql/*/bin. Install them (Debian/Ubuntu: \
+                 `apt-get install postgresql`; macOS: `brew install postgresql`) \
+                 or set DATABASE_URL to a server you run"
+            )
+        });
+        let run_as = if running_as_root() {
+            Some(account_ids("postgres").unwrap_or_else(|| {
+                panic!("running as root, but there is no `postgres` account to run the server as")
+            }))
+        } else {
+            None
+        };
+        let root = fresh_dir();
+        std::fs::create_dir_all(&root).expect("create temp dir for PostgreSQL");
+        if let Some((uid, gid)) = run_as {
+            chown(&root, Some(uid), Some(gid)).expect("chown temp dir to postgres");
+        }
+        let pwfile = root.join("pwfile");
+        std::fs::write(&pwfile, SUPERUSER_PASSWORD).expect("write pwfile");
+        if let Some((uid, gid)) = run_as {
+            chown(&pwfile, Some(uid), Some(gid)).expect("chown pwfile");
+        }
+        let mut server = PgServer {
+            data: root.join("data"),
+            root,
+            bin,
+            port: 0,
+            run_as,
+        };
+        server.run_checked(
+            "initdb",
+            &[
+                "-D",
+                path_str(&server.data),
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                &format!("--pwfile={}", path_str(&pwfile)),
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        );
+        server.spawn_watchdog();
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            server.port = free_port();
+            match server.pg_ctl_start() {
+                Ok(()) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("PostgreSQL did not start: {last_error}");
+    }
+
+    /// `postgres://postgres:…@127.0.0.1:PORT/postgres`
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres:{SUPERUSER_PASSWORD}@127.0.0.1:{}/postgres",
+            self.port
+        )
+    }
+
+    /// The loopback port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server the way a crash would (`pg_ctl stop -m immediate`).
+    pub fn stop_immediate(&self) {
+        self.run_checked("pg_ctl", &["stop", "-D", path_str(&self.data), "-m", "immediate", "-w"]);
+    }
+
+    /// Starts the server again on the same port, after `stop_immediate`.
+    pub fn restart(&self) {
+        if let Err(e) = self.pg_ctl_start() {
+            panic!("PostgreSQL did not restart: {e}");
+        }
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), String> {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c max_connections=200 -c fsync=on",
+            self.port,
+            path_str(&self.root)
+        );
+        let log = self.root.join("server.log");
+        let out = self
+            .command("pg_ctl")
+            .args(["start", "-w", "-t", "60", "-D", path_str(&self.data), "-l"])
+            .arg(&log)
+            .args(["-o", &options])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .output()
+            .map_err(|e| format!("could not run pg_ctl: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "pg_ctl start failed: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ))
+        }
+    }
+
+    /// A helper process that outlives this one: when this process is gone
+    /// (exit, panic or kill) it stops the server and removes its directory.
+    fn spawn_watchdog(&self) {
+        let script = r#"while [ -d "/proc/$0" ]; do sleep 0.5; done
+"$1/pg_ctl" stop -D "$2" -m immediate >/dev/null 2>&1
+rm -rf "$3""#;
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .arg(std::process::id().to_string())
+            .arg(&self.bin)
+            .arg(&self.data)
+            .arg(&self.root)
+            .current_dir(&self.root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.spawn().expect("spawn PostgreSQL watchdog");
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        cmd.current_dir(&self.root);
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    fn run_checked(&self, program: &str, args: &[&str]) {
+        let out = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("could not run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["stop", "-D", path_str(&self.data), "-m", "fast", "-w"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn find_bin_dir() -> Option<PathBuf> {
+    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if has_tools(&dir) {
+                // Debian links initdb into PATH; resolve to the real bin dir so
+                // pg_ctl finds the matching `postgres` next to it.
+                let real = std::fs::canonicalize(dir.join("initdb")).ok()?;
+                return real.parent().map(Path::to_path_buf);
+            }
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|dir| has_tools(dir))
+        .collect();
+    versions.sort_by_key(|dir| {
+        dir.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    versions.pop()
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn account_ids(name: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.len() > 3 && fields[0] == name)
+            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
+            .flatten()
+    })
+}
+
+fn fresh_dir() -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    std::env::temp_dir().join(format!(
+        "fsp-{}-{}-{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("find a free loopback port")
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
