@@ -56,11 +56,9 @@ pub(crate) fn encode(key: &str, value: &Value, max_bytes: usize) -> Result<Strin
     let stored = if shape.has_nul || looks_like_envelope {
         let mut envelope = serde_json::Map::with_capacity(1);
         envelope.insert(ENVELOPE_KEY.to_owned(), Value::String(text));
-        serde_json::to_string(&Value::Object(envelope)).map_err(|source| {
-            StoreError::Serialize {
-                key: key.to_owned(),
-                source,
-            }
+        serde_json::to_string(&Value::Object(envelope)).map_err(|source| StoreError::Serialize {
+            key: key.to_owned(),
+            source,
         })?
     } else {
         text
@@ -172,14 +170,16 @@ mod tests {
         let size = value.to_string().len();
         assert!(encode("k", &value, size).is_ok());
         let err = encode("big", &value, size - 1).unwrap_err().to_string();
-        assert!(err.contains("'big'") && err.contains(&size.to_string()), "{err}");
+        assert!(
+            err.contains("'big'") && err.contains(&size.to_string()),
+            "{err}"
+        );
     }
 
     #[test]
     fn depth_limit_matches_what_serde_json_can_read_back() {
-        let nest = |levels: usize| -> Value {
-            (0..levels).fold(json!(1), |inner, _| json!([inner]))
-        };
+        let nest =
+            |levels: usize| -> Value { (0..levels).fold(json!(1), |inner, _| json!([inner])) };
         let deepest = nest(MAX_DEPTH);
         let text = encode("k", &deepest, usize::MAX).unwrap();
         assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), deepest);

@@ -18,7 +18,8 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use crate::error::{StoreError, describe_sqlx};
 
@@ -33,22 +34,28 @@ pub(crate) fn pool_options(max_connections: u32) -> PgPoolOptions {
         .acquire_timeout(ACQUIRE_TIMEOUT)
 }
 
-/// Opens a pool and one connection, so a wrong URL, password or address is
-/// reported by the constructor rather than by the first `put`.
+/// Opens a pool, so that a wrong URL, password or address is reported by the
+/// constructor rather than by the first `put`.
+///
+/// The first connection is opened directly, outside the pool: the pool keeps
+/// retrying a failed connect until its acquire timeout and then reports only
+/// that it timed out, while a direct connect fails at once with the cause
+/// (refused, bad password, unknown database).
 pub(crate) async fn connect_pool(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
-    let target = redact_url(url);
-    let scrub = |message: String| scrub_password(message, url);
-    let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::Connect {
-        target: target.clone(),
-        reason: scrub(describe_sqlx(&e)),
-    })?;
+    let connect_error = |e: sqlx::Error| StoreError::Connect {
+        target: redact_url(url),
+        reason: scrub_password(describe_sqlx(&e), url),
+    };
+    let options = PgConnectOptions::from_str(url).map_err(connect_error)?;
+    let first = PgConnection::connect_with(&options)
+        .await
+        .map_err(connect_error)?;
+    // The pool opens its own connections; this one has done its job.
+    let _ = first.close().await;
     pool_options(max_connections)
         .connect_with(options)
         .await
-        .map_err(|e| StoreError::Connect {
-            target,
-            reason: scrub(describe_sqlx(&e)),
-        })
+        .map_err(connect_error)
 }
 
 /// Renders a connection URL with its password replaced by `***`, both in the
@@ -96,7 +103,11 @@ fn scrub_password(message: String, url: &str) -> String {
         .collect();
     if let Some(p) = parsed.password() {
         secrets.push(p.to_owned());
-        secrets.push(percent_encoding::percent_decode_str(p).decode_utf8_lossy().into_owned());
+        secrets.push(
+            percent_encoding::percent_decode_str(p)
+                .decode_utf8_lossy()
+                .into_owned(),
+        );
     }
     secrets
         .into_iter()
@@ -113,9 +124,15 @@ mod tests {
         let r = redact_url("postgres://bob:s3cret@db:5432/app?sslmode=require");
         assert_eq!(r, "postgres://bob:***@db:5432/app?sslmode=require");
         let r = redact_url("postgres://bob@db/app?password=s3cret&application_name=x");
-        assert!(!r.contains("s3cret") && r.contains("application_name=x"), "{r}");
+        assert!(
+            !r.contains("s3cret") && r.contains("application_name=x"),
+            "{r}"
+        );
         assert_eq!(redact_url("postgres://db/app"), "postgres://db/app");
-        assert_eq!(redact_url("not a url s3cret"), "<unparseable connection URL>");
+        assert_eq!(
+            redact_url("not a url s3cret"),
+            "<unparseable connection URL>"
+        );
     }
 
     #[test]

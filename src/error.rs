@@ -51,7 +51,9 @@ pub(crate) enum StoreError {
         source: serde_json::Error,
     },
 
-    #[error("the row for key '{key}' in table \"{table}\" holds an unreadable encoded value: {reason}")]
+    #[error(
+        "the row for key '{key}' in table \"{table}\" holds an unreadable encoded value: {reason}"
+    )]
     Corrupt {
         key: String,
         table: String,
@@ -137,9 +139,13 @@ pub(crate) fn hint_for(err: &sqlx::Error) -> Option<&'static str> {
             "42P10" | "42703" | "42804" => {
                 "the table does not have the state-store layout: let ensure_table() create it or migrate it"
             }
-            "53300" => "the server has no free connection slots: lower max_connections or raise the server's",
+            "53300" => {
+                "the server has no free connection slots: lower max_connections or raise the server's"
+            }
             "54001" => "the value is too deeply nested for the server",
-            "57P01" | "57P02" | "57P03" => "the server is shutting down or starting up: retry shortly",
+            "57P01" | "57P02" | "57P03" => {
+                "the server is shutting down or starting up: retry shortly"
+            }
             _ => return None,
         },
         E::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {

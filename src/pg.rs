@@ -6,9 +6,9 @@ use std::fmt;
 use std::future::Future;
 
 use async_trait::async_trait;
+use faucet_core::FaucetError;
 use faucet_core::check::{CheckContext, CheckReport};
 use faucet_core::state::{StateStore, validate_state_key};
-use faucet_core::FaucetError;
 use serde_json::Value;
 use sqlx::PgPool;
 use sqlx::types::Json;
@@ -340,9 +340,7 @@ impl StateStore for PostgresStateStore {
     async fn delete(&self, key: &str) -> Result<(), FaucetError> {
         validate_state_key(key)?;
         self.run("delete", || {
-            sqlx::query(&self.sql.delete)
-                .bind(key)
-                .execute(&self.pool)
+            sqlx::query(&self.sql.delete).bind(key).execute(&self.pool)
         })
         .await?;
         Ok(())
@@ -365,7 +363,10 @@ impl fmt::Debug for PostgresStateStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStateStore")
             .field("table", &self.table.as_str())
-            .field("max_connections", &self.pool.options().get_max_connections())
+            .field(
+                "max_connections",
+                &self.pool.options().get_max_connections(),
+            )
             .field("open_connections", &self.pool.size())
             .field("max_value_bytes", &self.max_value_bytes)
             .finish()

@@ -37,7 +37,9 @@ pub(crate) async fn run(
         report.probes.push(Probe::skip("sentinel", "not connected"));
         return report;
     }
-    report.probes.push(Probe::pass("connect", started.elapsed()));
+    report
+        .probes
+        .push(Probe::pass("connect", started.elapsed()));
 
     let started = Instant::now();
     let layout = timed("table", ctx.timeout, schema::inspect(pool, table)).await;

@@ -2,12 +2,10 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use faucet_core::FaucetError;
-use faucet_core::check::{CheckContext, ProbeStatus};
-use faucet_core::state::{DOCTOR_SENTINEL_KEY, StateStore};
+use faucet_core::state::StateStore;
 use faucet_state_postgres::{ENVELOPE_KEY, PostgresStateStore};
 use serde_json::{Value, json};
 use sqlx::postgres::PgPoolOptions;
@@ -65,9 +63,329 @@ async fn overwrite_moves_updated_at_forward() {
         "SELECT extract(epoch FROM updated_at)::float8 FROM \"{}\" WHERE key = 'k'",
         store.table()
     );
-    let first: f64 = sqlx::query_scalar(&ts_sql).fetch_one(store.pool()).await.unwrap();
+    let first: f64 = sqlx::query_scalar(&ts_sql)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     store.put("k", &json!(2)).await.unwrap();
-    let second: f64 = sqlx::query_scalar(&ts_sql).fetch_one(store.pool()).await.unwrap();
+    let second: f64 = sqlx::query_scalar(&ts_sql)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
     assert!(second > first, "{second} is not after {first}");
+}
+
+/// A pool aimed at a port where nothing listens: any SQL sent through it
+/// fails with a connection error, so an operation that returns a validation
+/// error instead provably sent nothing.
+fn unreachable_pool() -> sqlx::PgPool {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    PgPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy(&format!("postgres://u:hunter2-secret@127.0.0.1:{port}/db"))
+        .unwrap()
+}
+
+const BAD_KEYS: &[&str] = &[
+    "",
+    ".hidden",
+    ".",
+    "..",
+    "a/b",
+    "a b",
+    "a%b",
+    "a'b",
+    "a\"b",
+    "é",
+    "a\0b",
+    "line\nbreak",
+];
+
+fn assert_rejected_key(result: Result<impl std::fmt::Debug, FaucetError>, key: &str) {
+    match result {
+        Err(FaucetError::State(msg)) => assert!(
+            msg.contains("state key"),
+            "key {key:?}: expected a key validation error, got {msg}"
+        ),
+        other => panic!("key {key:?}: expected a key validation error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_keys_are_refused_before_any_sql() {
+    let store = PostgresStateStore::from_pool(unreachable_pool(), "state").unwrap();
+    let long_key = "k".repeat(257);
+    let keys = BAD_KEYS.iter().copied().chain([long_key.as_str()]);
+    for key in keys {
+        assert_rejected_key(store.get(key).await, key);
+        assert_rejected_key(store.put(key, &json!(1)).await, key);
+        assert_rejected_key(store.delete(key).await, key);
+        assert_rejected_key(
+            store.put_many(&[("ok", json!(1)), (key, json!(2))]).await,
+            key,
+        );
+        assert_rejected_key(store.delete_many(&["ok", key]).await, key);
+        assert_rejected_key(store.get_many(&["ok", key]).await, key);
+    }
+    let err = store.list("a%").await.unwrap_err().to_string();
+    assert!(err.contains("invalid key prefix"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_table_names_and_pool_sizes_are_refused_before_connecting() {
+    // The URL points nowhere: reaching the network would give a connect error.
+    let dead_url = "postgres://u:hunter2-secret@127.0.0.1:1/db";
+    let long_name = "t".repeat(64);
+    for table in [
+        "",
+        "a-b",
+        "a.b",
+        "a b",
+        "x\";drop table y;--",
+        "tëst",
+        "a\0",
+        &long_name,
+    ] {
+        for result in [
+            PostgresStateStore::connect_with(dead_url, 5, table).await,
+            PostgresStateStore::from_pool(unreachable_pool(), table),
+        ] {
+            match result {
+                Err(FaucetError::Config(msg)) => {
+                    assert!(msg.contains("invalid table name"), "{table:?}: {msg}")
+                }
+                other => panic!("{table:?}: expected a table-name error, got {other:?}"),
+            }
+        }
+    }
+    let zero = PostgresStateStore::connect_with(dead_url, 0, "state").await;
+    assert!(
+        matches!(&zero, Err(FaucetError::Config(m)) if m.contains("max_connections")),
+        "{zero:?}"
+    );
+    // The longest legal identifier is accepted and kept verbatim.
+    let longest = "T".repeat(63);
+    let store = PostgresStateStore::from_pool(unreachable_pool(), &longest).unwrap();
+    assert_eq!(store.table(), longest);
+}
+
+#[tokio::test]
+async fn table_names_keep_their_case_and_may_be_reserved_words() {
+    let url = support::database_url();
+    for name in [support::unique_table("MixedCase"), "select".to_owned()] {
+        let store = PostgresStateStore::connect_with(&url, 1, &name)
+            .await
+            .unwrap();
+        store.ensure_table().await.unwrap();
+        store.put("k", &json!(name)).await.unwrap();
+        let exact: Value =
+            sqlx::query_scalar(&format!("SELECT value FROM \"{name}\" WHERE key = 'k'"))
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(exact, json!(name));
+        sqlx::query(&format!("DROP TABLE \"{name}\""))
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn nul_characters_round_trip_through_the_documented_envelope() {
+    let store = fresh_store("nul").await;
+    let value = json!({"cursor": "a\u{0}b", "k\u{0}ey": ["\u{0}"]});
+    store.put("nul", &value).await.unwrap();
+    assert_eq!(store.get("nul").await.unwrap(), Some(value.clone()));
+
+    let raw: Value = sqlx::query_scalar(&format!(
+        "SELECT value FROM \"{}\" WHERE key = 'nul'",
+        store.table()
+    ))
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let text = raw[ENVELOPE_KEY].as_str().expect("stored as an envelope");
+    assert_eq!(serde_json::from_str::<Value>(text).unwrap(), value);
+
+    // A user object that looks like an envelope comes back unchanged.
+    let lookalike = json!({ENVELOPE_KEY: "[1]"});
+    store.put("lookalike", &lookalike).await.unwrap();
+    assert_eq!(store.get("lookalike").await.unwrap(), Some(lookalike));
+    store.put_many(&[("batch", value.clone())]).await.unwrap();
+    assert_eq!(store.get_many(&["batch"]).await.unwrap(), vec![Some(value)]);
+}
+
+#[tokio::test]
+async fn oversize_values_are_refused_and_leave_the_row_alone() {
+    let store = fresh_store("oversize").await.with_max_value_bytes(1024);
+    store.put("k", &json!("small")).await.unwrap();
+    let big = json!("x".repeat(2000));
+    let err = store.put("k", &big).await.unwrap_err().to_string();
+    assert!(
+        err.contains("'k'") && err.contains("2002 bytes") && err.contains("1024 bytes"),
+        "{err}"
+    );
+    let err = store.put_many(&[("k", big)]).await.unwrap_err().to_string();
+    assert!(err.contains("over the limit"), "{err}");
+    assert_eq!(store.get("k").await.unwrap(), Some(json!("small")));
+
+    let default_store = fresh_store("oversize_default").await;
+    assert_eq!(default_store.max_value_bytes(), 16 * 1024 * 1024);
+    let huge = json!("y".repeat(16 * 1024 * 1024));
+    let err = default_store
+        .put("huge", &huge)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("16777218 bytes"), "{err}");
+
+    let deep = (0..200).fold(json!(0), |inner, _| json!([inner]));
+    let err = default_store
+        .put("deep", &deep)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nests 200 levels"), "{err}");
+    assert_eq!(row_count(&default_store).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_puts_to_one_key_leave_one_of_the_written_values() {
+    let store = Arc::new(fresh_store("hot_key").await);
+    let tasks: Vec<_> = (0..64)
+        .map(|task| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..5 {
+                    store
+                        .put("hot", &json!({"task": task, "i": i}))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let last = store.get("hot").await.unwrap().expect("a value");
+    assert_eq!(
+        last["i"],
+        json!(4),
+        "the final value is some task's last write"
+    );
+    assert!((0..64).contains(&last["task"].as_i64().unwrap()));
+    assert_eq!(row_count(&store).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_puts_to_distinct_keys_all_land() {
+    let store = Arc::new(fresh_store("distinct").await);
+    let tasks: Vec<_> = (0..64)
+        .map(|task| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..5 {
+                    store.put(&format!("task-{task}"), &json!(i)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let keys: Vec<String> = (0..64).map(|t| format!("task-{t}")).collect();
+    let values = store.get_many(&keys).await.unwrap();
+    assert!(values.iter().all(|v| *v == Some(json!(4))), "{values:?}");
+    assert_eq!(row_count(&store).await, 64);
+}
+
+#[tokio::test]
+async fn batch_operations_are_last_wins_atomic_and_literal() {
+    let store = fresh_store("batch").await;
+    store
+        .put_many(&[("a", json!(1)), ("b", json!(2)), ("a", json!(3))])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_many(&["a", "b", "missing", "a"]).await.unwrap(),
+        vec![Some(json!(3)), Some(json!(2)), None, Some(json!(3))]
+    );
+    store.put_many::<&str>(&[]).await.unwrap();
+    store.delete_many::<&str>(&[]).await.unwrap();
+    assert!(store.get_many::<&str>(&[]).await.unwrap().is_empty());
+
+    // Atomic: one row the server refuses rolls back the whole batch.
+    sqlx::query(&format!(
+        "ALTER TABLE \"{}\" ADD CONSTRAINT no_poison CHECK (key <> 'poison')",
+        store.table()
+    ))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let err = store
+        .put_many(&[("c", json!(1)), ("poison", json!(1)), ("a", json!(9))])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("put_many") && err.contains("no_poison"),
+        "{err}"
+    );
+    assert_eq!(store.get("c").await.unwrap(), None);
+    assert_eq!(store.get("a").await.unwrap(), Some(json!(3)));
+
+    store.delete_many(&["a", "missing", "a"]).await.unwrap();
+    assert_eq!(
+        store.get_many(&["a", "b"]).await.unwrap(),
+        vec![None, Some(json!(2))]
+    );
+
+    // list: byte order, literal prefix (`_` is not a wildcard).
+    let keys = ["a_b", "axb", "a_c", "B", "a", "a_b.c"];
+    store.put_many(&keys.map(|k| (k, json!(k)))).await.unwrap();
+    assert_eq!(store.list("a_").await.unwrap(), ["a_b", "a_b.c", "a_c"]);
+    assert_eq!(
+        store.list("").await.unwrap(),
+        ["B", "a", "a_b", "a_b.c", "a_c", "axb", "b"]
+    );
+    assert!(store.list("zzz").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn rows_are_plain_sql_readable_and_foreign_rows_are_readable() {
+    let store = fresh_store("raw_sql").await;
+    store
+        .put("pipeline:orders", &json!({"lsn": "0/16B3748"}))
+        .await
+        .unwrap();
+    let (value, age_ok): (Value, bool) = sqlx::query_as(&format!(
+        "SELECT value, updated_at > now() - interval '1 minute' FROM \"{}\" WHERE key = $1",
+        store.table()
+    ))
+    .bind("pipeline:orders")
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(value, json!({"lsn": "0/16B3748"}));
+    assert!(age_ok);
+
+    // A row written by another tool (or the other store) is read as is.
+    sqlx::query(&format!(
+        "INSERT INTO \"{}\" (key, value) VALUES ('written-by-sql', '[1, {{\"x\": null}}]')",
+        store.table()
+    ))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        store.get("written-by-sql").await.unwrap(),
+        Some(json!([1, {"x": null}]))
+    );
 }

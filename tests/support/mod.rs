@@ -20,7 +20,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::chown;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,10 +30,10 @@ pub const SUPERUSER_PASSWORD: &str = "throwaway-superuser-pw";
 
 /// The server for this process: `DATABASE_URL`, or a throwaway one.
 pub fn database_url() -> String {
-    if let Ok(url) = std::env::var("DATABASE_URL") {
-        if !url.is_empty() {
-            return url;
-        }
+    if let Ok(url) = std::env::var("DATABASE_URL")
+        && !url.is_empty()
+    {
+        return url;
     }
     static SHARED: OnceLock<PgServer> = OnceLock::new();
     SHARED.get_or_init(PgServer::start).url()
@@ -64,6 +64,7 @@ pub struct PgServer {
     bin: PathBuf,
     port: u16,
     run_as: Option<(u32, u32)>,
+    watchdog: Option<Child>,
 }
 
 impl PgServer {
@@ -101,6 +102,7 @@ impl PgServer {
             bin,
             port: 0,
             run_as,
+            watchdog: None,
         };
         server.run_checked(
             "initdb",
@@ -116,7 +118,7 @@ impl PgServer {
                 "--no-sync",
             ],
         );
-        server.spawn_watchdog();
+        server.watchdog = Some(server.spawn_watchdog());
         let mut last_error = String::new();
         for _ in 0..5 {
             server.port = free_port();
@@ -143,7 +145,10 @@ impl PgServer {
 
     /// Stops the server the way a crash would (`pg_ctl stop -m immediate`).
     pub fn stop_immediate(&self) {
-        self.run_checked("pg_ctl", &["stop", "-D", path_str(&self.data), "-m", "immediate", "-w"]);
+        self.run_checked(
+            "pg_ctl",
+            &["stop", "-D", path_str(&self.data), "-m", "immediate", "-w"],
+        );
     }
 
     /// Starts the server again on the same port, after `stop_immediate`.
@@ -182,7 +187,7 @@ impl PgServer {
 
     /// A helper process that outlives this one: when this process is gone
     /// (exit, panic or kill) it stops the server and removes its directory.
-    fn spawn_watchdog(&self) {
+    fn spawn_watchdog(&self) -> Child {
         let script = r#"while [ -d "/proc/$0" ]; do sleep 0.5; done
 "$1/pg_ctl" stop -D "$2" -m immediate >/dev/null 2>&1
 rm -rf "$3""#;
@@ -200,7 +205,7 @@ rm -rf "$3""#;
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
         }
-        cmd.spawn().expect("spawn PostgreSQL watchdog");
+        cmd.spawn().expect("spawn PostgreSQL watchdog")
     }
 
     fn command(&self, program: &str) -> Command {
@@ -238,6 +243,11 @@ impl Drop for PgServer {
             .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.root);
+        // The server is gone; the watchdog has nothing left to guard.
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
     }
 }
 
