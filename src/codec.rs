@@ -73,6 +73,58 @@ pub(crate) fn encode(key: &str, value: &Value, max_bytes: usize) -> Result<Strin
     Ok(stored)
 }
 
+/// Checks that `value` can be stored under `key` within `max_bytes`, with
+/// the same rules and messages as [`encode`], without keeping the text.
+///
+/// Used where a write is accepted now and encoded later (the write-behind
+/// cache), so that a value that can never be stored is refused by `put`
+/// instead of failing the flusher forever.
+pub(crate) fn validate(key: &str, value: &Value, max_bytes: usize) -> Result<(), StoreError> {
+    let shape = inspect(value);
+    if shape.has_nul
+        || value
+            .as_object()
+            .is_some_and(|m| m.contains_key(ENVELOPE_KEY))
+    {
+        // Rare: measure the envelope exactly by building it.
+        return encode(key, value, max_bytes).map(drop);
+    }
+    if shape.depth > MAX_DEPTH {
+        return Err(StoreError::ValueTooDeep {
+            key: key.to_owned(),
+            depth: shape.depth,
+            limit: MAX_DEPTH,
+        });
+    }
+    let mut counter = ByteCounter(0);
+    serde_json::to_writer(&mut counter, value).map_err(|source| StoreError::Serialize {
+        key: key.to_owned(),
+        source,
+    })?;
+    if counter.0 > max_bytes {
+        return Err(StoreError::ValueTooLarge {
+            key: key.to_owned(),
+            size: counter.0,
+            limit: max_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// A writer that only counts what is written to it.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Turns a stored JSONB value back into the value that was put.
 pub(crate) fn decode(key: &str, table: &str, stored: Value) -> Result<Value, StoreError> {
     let Value::Object(map) = &stored else {
@@ -186,6 +238,27 @@ mod tests {
         let err = encode("k", &nest(MAX_DEPTH + 1), usize::MAX).unwrap_err();
         assert!(err.to_string().contains("nests 128 levels"), "{err}");
         assert!(serde_json::from_str::<Value>(&nest(MAX_DEPTH + 1).to_string()).is_err());
+    }
+
+    #[test]
+    fn validate_agrees_with_encode() {
+        let deep = (0..MAX_DEPTH + 1).fold(json!(1), |inner, _| json!([inner]));
+        let cases = [
+            json!({"a": "b"}),
+            json!("x".repeat(50)),
+            json!("nul\u{0}".repeat(10)),
+            json!({ENVELOPE_KEY: "y".repeat(40)}),
+            deep,
+        ];
+        for value in cases {
+            for limit in [10, 52, 60, 100, usize::MAX] {
+                let encoded = encode("k", &value, limit)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                let validated = validate("k", &value, limit).map_err(|e| e.to_string());
+                assert_eq!(validated, encoded, "{value} at limit {limit}");
+            }
+        }
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! Validation happens before any SQL is sent: a bad table name or pool size is
 //! refused when the store is built, a bad key when the operation is called.
 
+use std::time::Duration;
+
 use crate::error::StoreError;
 
 /// Table used by [`PostgresStateStore::connect`](crate::PostgresStateStore::connect).
@@ -90,6 +92,155 @@ pub(crate) fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
     }
 }
 
+/// When a write of a [`CachedStateStore`](crate::CachedStateStore) returns,
+/// and so what a crash can cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `put` and `delete` return after their own commit, exactly like
+    /// [`PostgresStateStore`](crate::PostgresStateStore); reads are served by
+    /// the cache. A crash loses nothing that was acknowledged.
+    WriteThrough,
+    /// `put` and `delete` return after the batch that carries them commits.
+    /// Concurrent callers share one round trip, and the next batch starts as
+    /// soon as the previous one commits. A crash loses nothing that was
+    /// acknowledged. The default.
+    #[default]
+    GroupCommit,
+    /// `put` and `delete` return once the cache holds them; the flusher
+    /// writes every `flush_interval`, or as soon as `max_batch` keys are
+    /// dirty. A crash loses the writes made since the last committed batch,
+    /// but never one that a completed `flush()` or `shutdown()` acknowledged.
+    WriteBehind,
+}
+
+/// Options of a [`CachedStateStore`](crate::CachedStateStore), built like
+/// sqlx's pool options: start from [`CacheOptions::new`] (the defaults) and
+/// change what you need. [`CachedStateStore::new`](crate::CachedStateStore::new)
+/// validates them.
+///
+/// | option | default | meaning |
+/// |---|---|---|
+/// | [`durability`](Self::durability) | [`Durability::GroupCommit`] | when a write returns |
+/// | [`flush_interval`](Self::flush_interval) | 1 s | write-behind: longest time a write waits for the flusher |
+/// | [`max_batch`](Self::max_batch) | 1,000 | most keys per transaction; write-behind also flushes as soon as this many are dirty |
+/// | [`max_pending`](Self::max_pending) | 100,000 | most dirty keys held in memory |
+/// | [`put_timeout`](Self::put_timeout) | 5 s | how long a write waits for room when `max_pending` keys are dirty |
+/// | [`cache_capacity`](Self::cache_capacity) | 100,000 | most clean (persisted) entries kept for reads |
+/// | [`shutdown_timeout`](Self::shutdown_timeout) | 30 s | how long `shutdown()` keeps retrying to persist dirty keys |
+/// | [`retry_backoff_max`](Self::retry_backoff_max) | 5 s | cap of the flusher's exponential backoff after a failed batch (it starts at 50 ms) |
+///
+/// ```
+/// use std::time::Duration;
+/// use faucet_state_postgres::{CacheOptions, Durability};
+///
+/// let options = CacheOptions::new()
+///     .durability(Durability::WriteBehind)
+///     .flush_interval(Duration::from_millis(200))
+///     .max_batch(5_000);
+/// assert_eq!(options.get_max_pending(), 100_000);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheOptions {
+    durability: Durability,
+    flush_interval: Duration,
+    max_batch: usize,
+    max_pending: usize,
+    put_timeout: Duration,
+    cache_capacity: usize,
+    shutdown_timeout: Duration,
+    retry_backoff_max: Duration,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::default(),
+            flush_interval: Duration::from_secs(1),
+            max_batch: 1_000,
+            max_pending: 100_000,
+            put_timeout: Duration::from_secs(5),
+            cache_capacity: 100_000,
+            shutdown_timeout: Duration::from_secs(30),
+            retry_backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// First delay of the flusher's backoff after a failed batch; it doubles on
+/// each further failure up to [`CacheOptions::retry_backoff_max`].
+pub(crate) const RETRY_BACKOFF_START: Duration = Duration::from_millis(50);
+
+macro_rules! option_accessors {
+    ($($(#[$doc:meta])* $name:ident / $getter:ident : $ty:ty;)+) => {
+        impl CacheOptions {
+            $(
+                $(#[$doc])*
+                pub fn $name(mut self, $name: $ty) -> Self {
+                    self.$name = $name;
+                    self
+                }
+
+                #[doc = concat!("The configured `", stringify!($name), "`.")]
+                pub fn $getter(&self) -> $ty {
+                    self.$name
+                }
+            )+
+        }
+    };
+}
+
+option_accessors! {
+    /// When a write returns; see [`Durability`].
+    durability / get_durability: Durability;
+    /// Write-behind: the longest a write waits before the flusher takes it.
+    /// Must be greater than zero.
+    flush_interval / get_flush_interval: Duration;
+    /// Most keys written per transaction (one multi-row upsert plus one
+    /// batched delete). Must be at least 1.
+    max_batch / get_max_batch: usize;
+    /// Most dirty (not yet persisted) keys held in memory. A write that would
+    /// exceed it waits up to `put_timeout` for the flusher, then fails; it is
+    /// never dropped silently. Must be at least 1.
+    max_pending / get_max_pending: usize;
+    /// How long a write waits for room when `max_pending` keys are dirty.
+    put_timeout / get_put_timeout: Duration;
+    /// Most clean entries (values known to be persisted, or known absent)
+    /// kept for reads. Only clean entries are evicted, oldest first; 0 turns
+    /// read caching off (dirty entries are always kept).
+    cache_capacity / get_cache_capacity: usize;
+    /// How long `shutdown()` keeps retrying to persist dirty keys.
+    shutdown_timeout / get_shutdown_timeout: Duration;
+    /// Cap of the flusher's exponential backoff after a failed batch. Must be
+    /// greater than zero.
+    retry_backoff_max / get_retry_backoff_max: Duration;
+}
+
+impl CacheOptions {
+    /// The defaults (see the table above).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Checks the options; the error names the option and the rule.
+    pub(crate) fn validate(&self) -> Result<(), StoreError> {
+        let problem = if self.flush_interval.is_zero() {
+            Some("flush_interval must be greater than zero")
+        } else if self.max_batch == 0 {
+            Some("max_batch must be at least 1")
+        } else if self.max_pending == 0 {
+            Some("max_pending must be at least 1")
+        } else if self.retry_backoff_max.is_zero() {
+            Some("retry_backoff_max must be greater than zero")
+        } else {
+            None
+        };
+        match problem {
+            Some(problem) => Err(StoreError::InvalidOption(problem)),
+            None => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +270,25 @@ mod tests {
     fn zero_connections_is_refused() {
         assert!(validate_max_connections(0).is_err());
         assert_eq!(validate_max_connections(1).unwrap(), 1);
+    }
+
+    #[test]
+    fn cache_options_are_validated() {
+        assert!(CacheOptions::new().validate().is_ok());
+        let zero = Duration::ZERO;
+        for (bad, rule) in [
+            (CacheOptions::new().flush_interval(zero), "flush_interval"),
+            (CacheOptions::new().max_batch(0), "max_batch"),
+            (CacheOptions::new().max_pending(0), "max_pending"),
+            (
+                CacheOptions::new().retry_backoff_max(zero),
+                "retry_backoff_max",
+            ),
+        ] {
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(rule), "{err}");
+        }
+        assert!(CacheOptions::new().cache_capacity(0).validate().is_ok());
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub(crate) enum StoreError {
     #[error("max_connections must be at least 1, got 0")]
     ZeroConnections,
 
+    #[error("invalid cache option: {0}")]
+    InvalidOption(&'static str),
+
     #[error("invalid key prefix {prefix:?}: {reason}")]
     InvalidPrefix { prefix: String, reason: String },
 
@@ -80,9 +83,9 @@ pub(crate) enum StoreError {
 impl From<StoreError> for FaucetError {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::InvalidTable { .. } | StoreError::ZeroConnections => {
-                FaucetError::Config(err.to_string())
-            }
+            StoreError::InvalidTable { .. }
+            | StoreError::ZeroConnections
+            | StoreError::InvalidOption(_) => FaucetError::Config(err.to_string()),
             other => FaucetError::State(other.to_string()),
         }
     }

@@ -66,16 +66,28 @@
 
 #![deny(missing_docs)]
 
+mod backend;
+mod cache;
+mod cached;
 mod codec;
 mod config;
 mod connect;
 mod error;
+mod flusher;
+mod memory;
 mod pg;
 mod probe;
 mod schema;
 mod sql;
+mod stats;
 
+pub use backend::StateBackend;
+pub use cached::CachedStateStore;
 pub use codec::{ENVELOPE_KEY, MAX_DEPTH};
-pub use config::{DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_VALUE_BYTES, DEFAULT_TABLE};
+pub use config::{
+    CacheOptions, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_VALUE_BYTES, DEFAULT_TABLE, Durability,
+};
 pub use connect::redact_url;
+pub use memory::{MemoryBackend, WritePause};
 pub use pg::PostgresStateStore;
+pub use stats::CacheStats;

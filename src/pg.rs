@@ -201,35 +201,14 @@ impl PostgresStateStore {
                 }
             }
         }
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let (keys, texts) = (&keys, &texts);
-        self.run("put_many", || {
-            sqlx::query(&self.sql.put_many)
-                .bind(keys)
-                .bind(texts)
-                .execute(&self.pool)
-        })
-        .await?;
-        Ok(())
+        Ok(self.apply(&keys, &texts, &[]).await?)
     }
 
     /// Deletes many keys in one statement, atomically. Missing keys are not an
     /// error; an empty slice sends nothing.
     pub async fn delete_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<(), FaucetError> {
         let keys = validated_keys(keys)?;
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let keys = &keys;
-        self.run("delete_many", || {
-            sqlx::query(&self.sql.delete_many)
-                .bind(keys)
-                .execute(&self.pool)
-        })
-        .await?;
-        Ok(())
+        Ok(self.apply(&[], &[], &keys).await?)
     }
 
     /// Reads many keys in one statement. The result is aligned with `keys`:
@@ -271,6 +250,63 @@ impl PostgresStateStore {
                     .fetch_all(&self.pool)
             })
             .await?)
+    }
+
+    /// Upserts `upsert_keys` (with the encoded `upsert_texts`, pairwise) and
+    /// deletes `delete_keys` in one statement, the cheapest that does the job.
+    /// Keys must be distinct across both lists. Empty lists send nothing.
+    pub(crate) async fn apply(
+        &self,
+        upsert_keys: &[&str],
+        upsert_texts: &[String],
+        delete_keys: &[&str],
+    ) -> Result<(), StoreError> {
+        debug_assert_eq!(upsert_keys.len(), upsert_texts.len());
+        let sql = &self.sql;
+        let outcome = match (upsert_keys, upsert_texts, delete_keys) {
+            ([], _, []) => return Ok(()),
+            ([key], [text], []) => {
+                self.run("put", || {
+                    sqlx::query(&sql.put)
+                        .bind(key)
+                        .bind(text)
+                        .execute(&self.pool)
+                })
+                .await
+            }
+            ([], _, [key]) => {
+                self.run("delete", || {
+                    sqlx::query(&sql.delete).bind(key).execute(&self.pool)
+                })
+                .await
+            }
+            (keys, texts, []) => {
+                self.run("put_many", || {
+                    sqlx::query(&sql.put_many)
+                        .bind(keys)
+                        .bind(texts)
+                        .execute(&self.pool)
+                })
+                .await
+            }
+            ([], _, keys) => {
+                self.run("delete_many", || {
+                    sqlx::query(&sql.delete_many).bind(keys).execute(&self.pool)
+                })
+                .await
+            }
+            (keys, texts, deletes) => {
+                self.run("write_batch", || {
+                    sqlx::query(&sql.upsert_and_delete)
+                        .bind(keys)
+                        .bind(texts)
+                        .bind(deletes)
+                        .execute(&self.pool)
+                })
+                .await
+            }
+        };
+        outcome.map(drop)
     }
 
     /// Runs one statement, and once more on another connection if the first
@@ -326,15 +362,7 @@ impl StateStore for PostgresStateStore {
     async fn put(&self, key: &str, value: &Value) -> Result<(), FaucetError> {
         validate_state_key(key)?;
         let text = codec::encode(key, value, self.max_value_bytes)?;
-        let text = text.as_str();
-        self.run("put", || {
-            sqlx::query(&self.sql.put)
-                .bind(key)
-                .bind(text)
-                .execute(&self.pool)
-        })
-        .await?;
-        Ok(())
+        Ok(self.apply(&[key], &[text], &[]).await?)
     }
 
     async fn delete(&self, key: &str) -> Result<(), FaucetError> {

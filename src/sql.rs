@@ -21,6 +21,11 @@ pub(crate) struct Statements {
     pub put_many: String,
     /// `$1` keys.
     pub delete_many: String,
+    /// `$1` keys, `$2` JSON texts, `$3` keys to delete (disjoint from `$1`):
+    /// the upserts and the deletes in one statement, so one round trip and
+    /// one commit. Data-modifying CTEs share a snapshot, which is safe here
+    /// because no key is both upserted and deleted.
+    pub upsert_and_delete: String,
     /// `$1` keys → (key, value) of the rows that exist.
     pub get_many: String,
     /// `$1` literal prefix → keys in byte order. `starts_with` compares
@@ -44,6 +49,12 @@ impl Statements {
                  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = NOW()"
             ),
             delete_many: format!("DELETE FROM {t} WHERE key = ANY($1::text[])"),
+            upsert_and_delete: format!(
+                "WITH deleted AS (DELETE FROM {t} WHERE key = ANY($3::text[])) \
+                 INSERT INTO {t} (key, value) \
+                 SELECT k, v::jsonb FROM UNNEST($1::text[], $2::text[]) AS batch(k, v) \
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = NOW()"
+            ),
             get_many: format!("SELECT key, value FROM {t} WHERE key = ANY($1::text[])"),
             list: format!(
                 "SELECT key FROM {t} WHERE starts_with(key, $1) ORDER BY key COLLATE \"C\""

@@ -1,0 +1,361 @@
+//! The in-memory side of the write-behind engine: one slot per key.
+//!
+//! A slot is *clean* (its value is what the backend holds, or the key is
+//! known to be absent) or *dirty* (its value, or its deletion, still has to be
+//! written). Invariants:
+//!
+//! 1. A dirty slot is never evicted, so reads always see the newest write.
+//! 2. Every dirty key is either in the dirty queue or in the batch the
+//!    flusher is writing, never both and never twice; the queue is therefore
+//!    bounded by `max_pending`, like the dirty slots.
+//! 3. Only the flusher turns a dirty slot clean, and only if the version it
+//!    wrote is still the slot's version; otherwise a newer write arrived
+//!    while the batch was in flight and the key goes back on the queue.
+//! 4. A value read from the backend is cached only if no write touched its
+//!    stripe of keys while the read was in flight, so a slow read can never
+//!    bring back a value older than a write it raced with.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use crate::stats::Counters;
+
+/// Stripes of write stamps (invariant 4). More stripes mean fewer reads that
+/// skip caching because an unrelated key was written meanwhile.
+pub(crate) const STRIPES: usize = 256;
+
+#[derive(Debug)]
+struct Slot {
+    /// `None`: the key has no value (deleted, or never written).
+    value: Option<Arc<Value>>,
+    state: SlotState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// Persisted; `stamp` identifies this clean period in the eviction queue.
+    Clean { stamp: u64 },
+    /// Not yet persisted; `version` identifies the newest write.
+    Dirty { version: u64 },
+}
+
+/// Keys waiting for the flusher, and the number of rounds that took them.
+#[derive(Debug, Default)]
+struct DirtyQueue {
+    keys: Vec<String>,
+    rounds_started: u64,
+}
+
+/// What a lookup found.
+pub(crate) enum Lookup {
+    /// The cache knows the answer (`None`: known absent).
+    Hit(Option<Arc<Value>>),
+    /// Not cached; read the backend, then offer the result to [`Cache::fill`].
+    Miss(FillTicket),
+}
+
+/// Proof of when a read began, for invariant 4.
+pub(crate) struct FillTicket {
+    stripe: usize,
+    stamp: u64,
+}
+
+/// The cache could not take a new dirty key within the put timeout.
+#[derive(Debug)]
+pub(crate) struct Full;
+
+/// One key's write as the flusher takes it.
+pub(crate) struct DirtyEntry {
+    pub version: u64,
+    pub value: Option<Arc<Value>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Cache {
+    slots: DashMap<String, Slot>,
+    write_stamps: Box<[AtomicU64]>,
+    queue: Mutex<DirtyQueue>,
+    /// Clean keys in the order they became clean, oldest first, with the
+    /// stamp of that clean period; stale pairs are skipped.
+    clean_order: Mutex<VecDeque<(String, u64)>>,
+    clean_count: AtomicUsize,
+    dirty_count: AtomicUsize,
+    next_version: AtomicU64,
+    /// One permit per dirty key that may still be added (`max_pending`).
+    room: Semaphore,
+    capacity: usize,
+}
+
+impl Cache {
+    pub(crate) fn new(max_pending: usize, capacity: usize) -> Self {
+        Self {
+            slots: DashMap::new(),
+            write_stamps: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            queue: Mutex::default(),
+            clean_order: Mutex::default(),
+            clean_count: AtomicUsize::new(0),
+            dirty_count: AtomicUsize::new(0),
+            next_version: AtomicU64::new(1),
+            room: Semaphore::new(max_pending.min(Semaphore::MAX_PERMITS)),
+            capacity,
+        }
+    }
+
+    pub(crate) fn dirty_len(&self) -> usize {
+        self.dirty_count.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub(crate) fn rounds_started(&self) -> u64 {
+        lock(&self.queue).rounds_started
+    }
+
+    pub(crate) fn lookup(&self, key: &str, counters: &Counters) -> Lookup {
+        if let Some(slot) = self.slots.get(key) {
+            Counters::bump(&counters.hits);
+            return Lookup::Hit(slot.value.clone());
+        }
+        Counters::bump(&counters.misses);
+        let stripe = self.stripe_of(key);
+        Lookup::Miss(FillTicket {
+            stripe,
+            stamp: self.write_stamps[stripe].load(Ordering::SeqCst),
+        })
+    }
+
+    /// Caches a value read from the backend, unless a write raced with the
+    /// read (invariant 4) or the key got cached meanwhile.
+    pub(crate) fn fill(
+        &self,
+        key: &str,
+        value: Option<Value>,
+        ticket: FillTicket,
+        counters: &Counters,
+    ) {
+        if self.capacity == 0 {
+            return;
+        }
+        let stamp = self.next_stamp();
+        let inserted = match self.slots.entry(key.to_owned()) {
+            Entry::Vacant(vacant)
+                if self.write_stamps[ticket.stripe].load(Ordering::SeqCst) == ticket.stamp =>
+            {
+                vacant.insert(Slot {
+                    value: value.map(Arc::new),
+                    state: SlotState::Clean { stamp },
+                });
+                true
+            }
+            _ => false,
+        };
+        if inserted {
+            self.clean_count.fetch_add(1, Ordering::SeqCst);
+            self.remember_clean(key.to_owned(), stamp, counters);
+        }
+    }
+
+    /// Records a write (a value, or `None` for a delete) as dirty. Returns
+    /// whether it coalesced with an unflushed write of the same key. Waits up
+    /// to `wait` for room when `max_pending` keys are dirty.
+    pub(crate) async fn stage(
+        &self,
+        key: &str,
+        value: Option<Value>,
+        wait: Duration,
+    ) -> Result<bool, Full> {
+        let value = value.map(Arc::new);
+        if let Some(mut slot) = self.slots.get_mut(key)
+            && matches!(slot.state, SlotState::Dirty { .. })
+        {
+            slot.value = value;
+            slot.state = SlotState::Dirty {
+                version: self.next_stamp(),
+            };
+            drop(slot);
+            self.bump_stripe(key);
+            return Ok(true);
+        }
+        let permit = match self.room.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => match tokio::time::timeout(wait, self.room.acquire()).await {
+                Ok(Ok(permit)) => permit,
+                // The semaphore is never closed; a timeout means no room.
+                _ => return Err(Full),
+            },
+        };
+        let version = self.next_stamp();
+        let newly_dirty = match self.slots.entry(key.to_owned()) {
+            Entry::Occupied(mut occupied) => {
+                let slot = occupied.get_mut();
+                let was_clean = matches!(slot.state, SlotState::Clean { .. });
+                slot.value = value;
+                slot.state = SlotState::Dirty { version };
+                if was_clean {
+                    self.clean_count.fetch_sub(1, Ordering::SeqCst);
+                }
+                was_clean
+            }
+            Entry::Vacant(vacant) => {
+                vacant.insert(Slot {
+                    value,
+                    state: SlotState::Dirty { version },
+                });
+                true
+            }
+        };
+        self.bump_stripe(key);
+        if newly_dirty {
+            // The permit now belongs to this dirty key; `committed` returns it.
+            permit.forget();
+            self.dirty_count.fetch_add(1, Ordering::SeqCst);
+            lock(&self.queue).keys.push(key.to_owned());
+        }
+        Ok(!newly_dirty)
+    }
+
+    /// Takes every queued key for a new flush round; returns the round's
+    /// number and the keys.
+    pub(crate) fn take_round(&self) -> (u64, Vec<String>) {
+        let mut queue = lock(&self.queue);
+        queue.rounds_started += 1;
+        (queue.rounds_started, std::mem::take(&mut queue.keys))
+    }
+
+    /// The newest write of a queued key.
+    pub(crate) fn dirty_entry(&self, key: &str) -> Option<DirtyEntry> {
+        let slot = self.slots.get(key)?;
+        match slot.state {
+            SlotState::Dirty { version } => Some(DirtyEntry {
+                version,
+                value: slot.value.clone(),
+            }),
+            SlotState::Clean { .. } => None,
+        }
+    }
+
+    /// The flusher committed `version` of `key`: the slot turns clean, or, if
+    /// a newer write arrived meanwhile, the key is queued again (invariant 3).
+    pub(crate) fn committed(&self, key: &str, version: u64, counters: &Counters) {
+        let stamp = self.next_stamp();
+        let cleaned = match self.slots.get_mut(key) {
+            Some(mut slot) if slot.state == (SlotState::Dirty { version }) => {
+                slot.state = SlotState::Clean { stamp };
+                true
+            }
+            _ => false,
+        };
+        if !cleaned {
+            lock(&self.queue).keys.push(key.to_owned());
+            return;
+        }
+        self.dirty_count.fetch_sub(1, Ordering::SeqCst);
+        self.room.add_permits(1);
+        self.clean_count.fetch_add(1, Ordering::SeqCst);
+        self.remember_clean(key.to_owned(), stamp, counters);
+    }
+
+    /// Puts keys whose batch failed back on the queue; they are still dirty.
+    pub(crate) fn requeue(&self, keys: impl IntoIterator<Item = String>) {
+        lock(&self.queue).keys.extend(keys);
+    }
+
+    /// Write-through: the backend committed `value` for `key`.
+    pub(crate) fn store_clean(&self, key: &str, value: Option<Arc<Value>>, counters: &Counters) {
+        let stamp = self.next_stamp();
+        let newly_cached = match self.slots.entry(key.to_owned()) {
+            Entry::Occupied(mut occupied) => {
+                let slot = occupied.get_mut();
+                debug_assert!(matches!(slot.state, SlotState::Clean { .. }));
+                slot.value = value;
+                slot.state = SlotState::Clean { stamp };
+                false
+            }
+            Entry::Vacant(vacant) => {
+                vacant.insert(Slot {
+                    value,
+                    state: SlotState::Clean { stamp },
+                });
+                true
+            }
+        };
+        self.bump_stripe(key);
+        if newly_cached {
+            self.clean_count.fetch_add(1, Ordering::SeqCst);
+        }
+        self.remember_clean(key.to_owned(), stamp, counters);
+    }
+
+    /// Write-through: a write failed and may or may not have committed, so
+    /// the cached value can no longer be trusted.
+    pub(crate) fn invalidate(&self, key: &str) {
+        let removed = self
+            .slots
+            .remove_if(key, |_, slot| matches!(slot.state, SlotState::Clean { .. }));
+        self.bump_stripe(key);
+        if removed.is_some() {
+            self.clean_count.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Queues a clean key for eviction and evicts the oldest clean entries
+    /// while there are more than `capacity`.
+    fn remember_clean(&self, key: String, stamp: u64, counters: &Counters) {
+        {
+            let mut order = lock(&self.clean_order);
+            order.push_back((key, stamp));
+            // Keys that turned clean many times leave stale pairs behind;
+            // drop them before the queue outgrows the cache it describes.
+            if order.len() > 2 * self.capacity + 1024 {
+                order.retain(|(key, stamp)| self.is_clean_with(key, *stamp));
+            }
+        }
+        while self.clean_count.load(Ordering::SeqCst) > self.capacity {
+            let Some((key, stamp)) = lock(&self.clean_order).pop_front() else {
+                break;
+            };
+            let evicted = self
+                .slots
+                .remove_if(&key, |_, slot| slot.state == SlotState::Clean { stamp });
+            if evicted.is_some() {
+                self.clean_count.fetch_sub(1, Ordering::SeqCst);
+                Counters::bump(&counters.evictions);
+            }
+        }
+    }
+
+    fn is_clean_with(&self, key: &str, stamp: u64) -> bool {
+        self.slots
+            .get(key)
+            .is_some_and(|slot| slot.state == SlotState::Clean { stamp })
+    }
+
+    fn next_stamp(&self) -> u64 {
+        self.next_version.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn stripe_of(&self, key: &str) -> usize {
+        self.slots.hash_usize(&key) % STRIPES
+    }
+
+    fn bump_stripe(&self, key: &str) {
+        self.write_stamps[self.stripe_of(key)].fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Guarded data is updated in single steps that cannot be observed half
+    // done, so a poisoned lock still holds consistent data.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

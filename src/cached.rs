@@ -1,0 +1,400 @@
+//! The cached store: a read-through cache and a write-behind flusher in front
+//! of a [`StateBackend`], with the durability the caller chose.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use faucet_core::FaucetError;
+use faucet_core::check::{CheckContext, CheckReport, Probe};
+use faucet_core::state::{StateStore, validate_state_key};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+
+use crate::PostgresStateStore;
+use crate::backend::StateBackend;
+use crate::cache::{Lookup, STRIPES};
+use crate::config::{CacheOptions, Durability};
+use crate::flusher::{self, Engine, RoundOutcome};
+use crate::stats::{CacheStats, Counters};
+
+/// A [`StateStore`] that answers from memory and persists in batches.
+///
+/// Reads go through an in-memory cache; a miss reads the backend once and
+/// caches the answer, absence included. Writes are coalesced per key (only
+/// the newest value, or a delete, of a key is kept) and a background flusher
+/// writes dirty keys in batches: one multi-row upsert and one batched delete
+/// per transaction, at most [`max_batch`](CacheOptions::max_batch) keys each.
+///
+/// When a `put` or `delete` returns depends on the [`Durability`]:
+///
+/// | mode | a write returns | a crash loses |
+/// |---|---|---|
+/// | [`WriteThrough`](Durability::WriteThrough) | after its own commit | nothing acknowledged |
+/// | [`GroupCommit`](Durability::GroupCommit) (default) | after the batch carrying it commits | nothing acknowledged |
+/// | [`WriteBehind`](Durability::WriteBehind) | once the cache holds it | writes since the last committed batch, at most `flush_interval` old; never one acknowledged by `flush()` or `shutdown()` |
+///
+/// The guarantees, each pinned by a test, are listed in the
+/// [crate documentation](crate#guarantees-of-the-cached-store). Call
+/// [`shutdown`](Self::shutdown) before dropping the store.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use faucet_core::state::StateStore;
+/// use faucet_state_postgres::{CacheOptions, Durability, PostgresStateStore};
+///
+/// # async fn run() -> Result<(), faucet_core::FaucetError> {
+/// let plain = PostgresStateStore::connect("postgres://app:secret@localhost/app").await?;
+/// plain.ensure_table().await?;
+/// let store = Arc::new(plain.cached(
+///     CacheOptions::new()
+///         .durability(Durability::WriteBehind)
+///         .flush_interval(Duration::from_millis(500)),
+/// )?);
+/// store.put("orders:cursor", &serde_json::json!({"id": 42})).await?; // in memory
+/// store.flush().await?;                                              // now committed
+/// store.shutdown().await?;
+/// # Ok(()) }
+/// ```
+pub struct CachedStateStore<B: StateBackend = PostgresStateStore> {
+    engine: Arc<Engine<B>>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+    /// Set by `shutdown`: later writes are refused.
+    closed: AtomicBool,
+    /// Writes between their `closed` check and the end of staging; shutdown
+    /// waits for them, so no accepted write lands after the final flush.
+    writers: AtomicUsize,
+    /// Write-through: writes of one key (stripe) commit and update the cache
+    /// in the same order.
+    write_through_locks: Box<[tokio::sync::Mutex<()>]>,
+}
+
+impl<B: StateBackend> CachedStateStore<B> {
+    /// Builds the store and starts its flusher task.
+    ///
+    /// Fails if `options` are invalid, or if called outside a tokio runtime
+    /// (the flusher is a tokio task).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::sync::Arc;
+    /// use faucet_state_postgres::{CacheOptions, CachedStateStore, MemoryBackend};
+    ///
+    /// let store = CachedStateStore::new(Arc::new(MemoryBackend::new()), CacheOptions::new()).unwrap();
+    /// assert!(CachedStateStore::new(Arc::new(MemoryBackend::new()), CacheOptions::new().max_batch(0)).is_err());
+    /// store.shutdown().await.unwrap();
+    /// # }
+    /// ```
+    pub fn new(backend: Arc<B>, options: CacheOptions) -> Result<Self, FaucetError> {
+        options.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            FaucetError::Config(
+                "CachedStateStore::new must be called inside a tokio runtime: it spawns the flusher task"
+                    .to_owned(),
+            )
+        })?;
+        let engine = Arc::new(Engine::new(backend, options));
+        let flusher = runtime.spawn(flusher::run(engine.clone()));
+        Ok(Self {
+            engine,
+            flusher: Mutex::new(Some(flusher)),
+            closed: AtomicBool::new(false),
+            writers: AtomicUsize::new(0),
+            write_through_locks: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+        })
+    }
+
+    /// Persists every write that returned before this call.
+    ///
+    /// `Ok` means each of them is committed. On `Err` nothing is dropped: the
+    /// writes stay dirty and the flusher keeps retrying them.
+    pub async fn flush(&self) -> Result<(), FaucetError> {
+        match self.engine.wait_for_durability().await {
+            RoundOutcome::Committed => Ok(()),
+            RoundOutcome::Failed(error) => Err(FaucetError::State(format!(
+                "flush failed: {error}; {} keys stay dirty and are retried",
+                self.engine.cache.dirty_len()
+            ))),
+            RoundOutcome::Stopped => self.nothing_left("flush"),
+        }
+    }
+
+    /// Stops the store: later writes get an error, every dirty entry is
+    /// persisted (retrying up to [`shutdown_timeout`](CacheOptions::shutdown_timeout)),
+    /// and the flusher ends.
+    ///
+    /// `Ok` only when nothing is left unpersisted; otherwise the error says
+    /// how many keys were not persisted. Reads keep working afterwards.
+    /// Calling it again reports the same outcome.
+    pub async fn shutdown(&self) -> Result<(), FaucetError> {
+        self.closed.store(true, Ordering::SeqCst);
+        while self.writers.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.engine.shutting_down.store(true, Ordering::SeqCst);
+        self.engine.wake.notify_one();
+        let flusher = lock(&self.flusher).take();
+        if let Some(mut flusher) = flusher {
+            let deadline = self.engine.options.get_shutdown_timeout();
+            if tokio::time::timeout(deadline, &mut flusher).await.is_err() {
+                flusher.abort();
+                let _ = flusher.await;
+            }
+        }
+        self.nothing_left("shutdown")
+    }
+
+    /// A snapshot of the store's state and counters.
+    pub fn stats(&self) -> CacheStats {
+        self.engine
+            .counters
+            .snapshot(self.engine.cache.dirty_len(), self.engine.cache.len())
+    }
+
+    /// The backend the store persists to.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.engine.backend
+    }
+
+    /// The options the store was built with.
+    pub fn options(&self) -> &CacheOptions {
+        &self.engine.options
+    }
+
+    fn nothing_left(&self, operation: &str) -> Result<(), FaucetError> {
+        match self.engine.cache.dirty_len() {
+            0 => Ok(()),
+            left => Err(FaucetError::State(format!(
+                "{operation}: {left} keys were not persisted (the flusher has stopped); last error: {}",
+                self.engine
+                    .counters
+                    .last_error()
+                    .unwrap_or_else(|| "none".to_owned())
+            ))),
+        }
+    }
+
+    /// Admits one write, unless the store is shut down. The guard keeps
+    /// shutdown waiting until the write is staged.
+    fn enter(&self, key: &str) -> Result<WriterGuard<'_>, FaucetError> {
+        self.writers.fetch_add(1, Ordering::SeqCst);
+        let guard = WriterGuard(&self.writers);
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(FaucetError::State(format!(
+                "the store has been shut down; the write of key '{key}' was refused"
+            )));
+        }
+        Ok(guard)
+    }
+
+    async fn write(&self, key: &str, value: Option<&Value>) -> Result<(), FaucetError> {
+        let writer = self.enter(key)?;
+        match value {
+            Some(value) => self.engine.backend.validate(key, value)?,
+            None => validate_state_key(key)?,
+        }
+        let counters = &self.engine.counters;
+        Counters::bump(if value.is_some() {
+            &counters.puts
+        } else {
+            &counters.deletes
+        });
+        let durability = self.engine.options.get_durability();
+        if durability == Durability::WriteThrough {
+            return self.write_through(key, value).await;
+        }
+        let coalesced = self
+            .engine
+            .cache
+            .stage(key, value.cloned(), self.engine.options.get_put_timeout())
+            .await
+            .map_err(|_| self.full_error(key))?;
+        if coalesced {
+            Counters::bump(&counters.coalesced);
+        }
+        drop(writer);
+        if durability == Durability::WriteBehind {
+            if self.engine.cache.dirty_len() >= self.engine.options.get_max_batch() {
+                self.engine.wake.notify_one();
+            }
+            return Ok(());
+        }
+        match self.engine.wait_for_durability().await {
+            RoundOutcome::Committed => Ok(()),
+            RoundOutcome::Failed(error) => Err(FaucetError::State(format!(
+                "the batch carrying key '{key}' failed: {error}; the write stays queued and is retried"
+            ))),
+            RoundOutcome::Stopped => self.nothing_left("put"),
+        }
+    }
+
+    async fn write_through(&self, key: &str, value: Option<&Value>) -> Result<(), FaucetError> {
+        let stripe = self.engine.cache.stripe_of(key);
+        let _in_order = self.write_through_locks[stripe].lock().await;
+        let value = value.map(|v| Arc::new(v.clone()));
+        let result = match &value {
+            Some(value) => {
+                self.engine
+                    .backend
+                    .write_batch(&[(key.to_owned(), value.clone())], &[])
+                    .await
+            }
+            None => {
+                self.engine
+                    .backend
+                    .write_batch(&[], &[key.to_owned()])
+                    .await
+            }
+        };
+        match result {
+            Ok(()) => {
+                let counters = &self.engine.counters;
+                counters.record_batch(1);
+                self.engine.cache.store_clean(key, value, counters);
+                Ok(())
+            }
+            Err(error) => {
+                self.engine.cache.invalidate(key);
+                Err(error)
+            }
+        }
+    }
+
+    fn full_error(&self, key: &str) -> FaucetError {
+        FaucetError::State(format!(
+            "cannot accept the write of key '{key}': {} keys are waiting to be persisted \
+             (max_pending) and none was persisted within put_timeout ({:?}); last flush error: {}",
+            self.engine.cache.dirty_len(),
+            self.engine.options.get_put_timeout(),
+            self.engine
+                .counters
+                .last_error()
+                .unwrap_or_else(|| "none".to_owned())
+        ))
+    }
+
+    fn flusher_probe(&self) -> Probe {
+        let progress = self.engine.progress.borrow().clone();
+        let dirty = self.engine.cache.dirty_len();
+        if progress.stopped || lock(&self.flusher).is_none() {
+            Probe::fail_hint(
+                "flusher",
+                Duration::ZERO,
+                format!("the flusher is not running; {dirty} keys are dirty"),
+                "the store was shut down or dropped; build a new store",
+            )
+        } else if progress.succeeded < progress.ended {
+            Probe::fail_hint(
+                "flusher",
+                Duration::ZERO,
+                format!(
+                    "the last flush failed: {}; {dirty} keys are waiting",
+                    progress.last_error.as_deref().unwrap_or("unknown error")
+                ),
+                "check the database; the flusher keeps retrying with backoff",
+            )
+        } else {
+            Probe::pass("flusher", Duration::ZERO)
+        }
+    }
+}
+
+impl PostgresStateStore {
+    /// Puts a [`CachedStateStore`] in front of this store.
+    ///
+    /// Equivalent to `CachedStateStore::new(Arc::new(self), options)`; must be
+    /// called inside a tokio runtime.
+    pub fn cached(
+        self,
+        options: CacheOptions,
+    ) -> Result<CachedStateStore<PostgresStateStore>, FaucetError> {
+        CachedStateStore::new(Arc::new(self), options)
+    }
+}
+
+struct WriterGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<B: StateBackend> StateStore for CachedStateStore<B> {
+    async fn get(&self, key: &str) -> Result<Option<Value>, FaucetError> {
+        validate_state_key(key)?;
+        let counters = &self.engine.counters;
+        match self.engine.cache.lookup(key, counters) {
+            Lookup::Hit(value) => Ok(value.map(|v| Value::clone(&v))),
+            Lookup::Miss(ticket) => {
+                let loaded = self.engine.backend.load(key).await?;
+                self.engine
+                    .cache
+                    .fill(key, loaded.clone(), ticket, counters);
+                Ok(loaded)
+            }
+        }
+    }
+
+    async fn put(&self, key: &str, value: &Value) -> Result<(), FaucetError> {
+        self.write(key, Some(value)).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), FaucetError> {
+        self.write(key, None).await
+    }
+
+    /// The backend's probes, plus `flusher`: running, and whether its last
+    /// round committed (with the dirty backlog and last error if not).
+    async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError> {
+        let mut report = self.engine.backend.check(ctx).await?;
+        report.probes.push(self.flusher_probe());
+        Ok(report)
+    }
+}
+
+impl<B: StateBackend> Drop for CachedStateStore<B> {
+    /// Without [`shutdown`](Self::shutdown), dirty keys cannot be persisted
+    /// here (no await in `drop`): warn with their count, and stop the flusher
+    /// so the task does not outlive the store.
+    fn drop(&mut self) {
+        let flusher = self
+            .flusher
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(flusher) = flusher {
+            let dirty = self.engine.cache.dirty_len();
+            if dirty > 0 {
+                tracing::warn!(
+                    dirty_keys = dirty,
+                    "faucet-state-postgres: CachedStateStore dropped without shutdown(); \
+                     {dirty} keys were not persisted"
+                );
+            }
+            flusher.abort();
+        }
+    }
+}
+
+impl<B: StateBackend> fmt::Debug for CachedStateStore<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedStateStore")
+            .field("options", &self.engine.options)
+            .field("stats", &self.stats())
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only an Option<JoinHandle> is guarded; it stays consistent on panic.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

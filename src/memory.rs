@@ -1,0 +1,225 @@
+//! An in-memory [`StateBackend`] with failure and delay injection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use faucet_core::FaucetError;
+use faucet_core::check::{CheckContext, CheckReport, Probe};
+use faucet_core::state::validate_state_key;
+use serde_json::Value;
+use tokio::sync::{OwnedRwLockWriteGuard, RwLock, watch};
+
+use crate::backend::StateBackend;
+use crate::codec;
+use crate::config::DEFAULT_MAX_VALUE_BYTES;
+
+/// A [`StateBackend`] that keeps rows in a map, for tests.
+///
+/// It applies the same key and value rules as [`PostgresStateStore`](crate::PostgresStateStore),
+/// commits each batch atomically, and lets a test make the storage slow,
+/// failing or stalled at chosen moments, so that the behaviour of a
+/// [`CachedStateStore`](crate::CachedStateStore) under faults can be checked
+/// without a server and without sleeping.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::sync::Arc;
+/// use faucet_core::state::StateStore;
+/// use faucet_state_postgres::{CacheOptions, CachedStateStore, MemoryBackend};
+///
+/// let backend = Arc::new(MemoryBackend::new());
+/// let store = CachedStateStore::new(backend.clone(), CacheOptions::new()).unwrap();
+/// backend.fail_next_writes(1);
+/// assert!(store.put("k", &serde_json::json!(1)).await.is_err()); // the batch failed
+/// store.flush().await.unwrap(); // retried: nothing was dropped
+/// assert_eq!(backend.rows()["k"], serde_json::json!(1));
+/// # store.shutdown().await.unwrap();
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct MemoryBackend {
+    rows: Mutex<HashMap<String, Value>>,
+    faults: Mutex<Faults>,
+    /// Writers take it shared; [`pause_writes`](Self::pause_writes) takes it
+    /// exclusively, so a batch can be held in flight.
+    gate: Arc<RwLock<()>>,
+    attempts: watch::Sender<u64>,
+    loads: AtomicU64,
+    committed: Mutex<Vec<usize>>,
+    max_value_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    fail_next_writes: usize,
+    unavailable: bool,
+    write_delay: Duration,
+}
+
+/// Holds every batch write of a [`MemoryBackend`] in flight until dropped.
+#[derive(Debug)]
+pub struct WritePause {
+    _guard: OwnedRwLockWriteGuard<()>,
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        Self {
+            rows: Mutex::default(),
+            faults: Mutex::default(),
+            gate: Arc::default(),
+            attempts: watch::channel(0).0,
+            loads: AtomicU64::new(0),
+            committed: Mutex::default(),
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
+}
+
+impl MemoryBackend {
+    /// An empty backend with no faults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the largest encoded value accepted (default 16 MiB, as Postgres).
+    pub fn with_max_value_bytes(mut self, limit: usize) -> Self {
+        self.max_value_bytes = limit;
+        self
+    }
+
+    /// Makes the next `n` batch writes fail (without applying anything).
+    pub fn fail_next_writes(&self, n: usize) {
+        lock(&self.faults).fail_next_writes = n;
+    }
+
+    /// While `true`, every read and write fails, as if the server were down.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        lock(&self.faults).unavailable = unavailable;
+    }
+
+    /// Makes every batch write take at least `delay` before it commits.
+    pub fn set_write_delay(&self, delay: Duration) {
+        lock(&self.faults).write_delay = delay;
+    }
+
+    /// Holds every batch write in flight, after it has counted as an attempt
+    /// and before it commits, until the returned guard is dropped.
+    pub async fn pause_writes(&self) -> WritePause {
+        WritePause {
+            _guard: self.gate.clone().write_owned().await,
+        }
+    }
+
+    /// Waits until at least `n` batch writes have been attempted in total.
+    pub async fn wait_for_write_attempts(&self, n: u64) {
+        let mut attempts = self.attempts.subscribe();
+        // The sender lives in `self`, so the channel cannot close here.
+        let _ = attempts.wait_for(|&seen| seen >= n).await;
+    }
+
+    /// Batch writes attempted so far, failed ones included.
+    pub fn write_attempts(&self) -> u64 {
+        *self.attempts.borrow()
+    }
+
+    /// The number of rows (upserts plus deletes) in each committed batch, in
+    /// commit order.
+    pub fn committed_batches(&self) -> Vec<usize> {
+        lock(&self.committed).clone()
+    }
+
+    /// Reads performed through [`StateBackend::load`].
+    pub fn loads(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
+    }
+
+    /// A copy of every stored row.
+    pub fn rows(&self) -> HashMap<String, Value> {
+        lock(&self.rows).clone()
+    }
+
+    /// Stores a row directly, as another writer of the same table would.
+    pub fn insert_row(&self, key: &str, value: Value) {
+        lock(&self.rows).insert(key.to_owned(), value);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind that
+    // is still consistent, so a poisoned lock is safe to keep using.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn unavailable() -> FaucetError {
+    FaucetError::State("memory backend is unavailable (fault injected)".to_owned())
+}
+
+#[async_trait]
+impl StateBackend for MemoryBackend {
+    fn validate(&self, key: &str, value: &Value) -> Result<(), FaucetError> {
+        validate_state_key(key)?;
+        Ok(codec::validate(key, value, self.max_value_bytes)?)
+    }
+
+    async fn load(&self, key: &str) -> Result<Option<Value>, FaucetError> {
+        validate_state_key(key)?;
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        if lock(&self.faults).unavailable {
+            return Err(unavailable());
+        }
+        Ok(lock(&self.rows).get(key).cloned())
+    }
+
+    async fn write_batch(
+        &self,
+        upserts: &[(String, Arc<Value>)],
+        deletes: &[String],
+    ) -> Result<(), FaucetError> {
+        self.attempts.send_modify(|n| *n += 1);
+        let _open = self.gate.read().await;
+        let delay = lock(&self.faults).write_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        {
+            let mut faults = lock(&self.faults);
+            if faults.unavailable {
+                return Err(unavailable());
+            }
+            if faults.fail_next_writes > 0 {
+                faults.fail_next_writes -= 1;
+                return Err(FaucetError::State(
+                    "memory backend write failed (fault injected)".to_owned(),
+                ));
+            }
+        }
+        let mut rows = lock(&self.rows);
+        for (key, value) in upserts {
+            rows.insert(key.clone(), Value::clone(value));
+        }
+        for key in deletes {
+            rows.remove(key);
+        }
+        lock(&self.committed).push(upserts.len() + deletes.len());
+        Ok(())
+    }
+
+    async fn check(&self, _ctx: &CheckContext) -> Result<CheckReport, FaucetError> {
+        Ok(CheckReport::single(if lock(&self.faults).unavailable {
+            Probe::fail_hint(
+                "backend",
+                Duration::ZERO,
+                "memory backend is unavailable (fault injected)",
+                "call set_unavailable(false)",
+            )
+        } else {
+            Probe::pass("backend", Duration::ZERO)
+        }))
+    }
+}
