@@ -197,14 +197,16 @@ impl<B: StateBackend> CachedStateStore<B> {
             None => validate_state_key(key)?,
         }
         let counters = &self.engine.counters;
-        Counters::bump(if value.is_some() {
+        let accepted = if value.is_some() {
             &counters.puts
         } else {
             &counters.deletes
-        });
+        };
         let durability = self.engine.options.get_durability();
         if durability == Durability::WriteThrough {
-            return self.write_through(key, value).await;
+            self.write_through(key, value).await?;
+            Counters::bump(accepted);
+            return Ok(());
         }
         let coalesced = self
             .engine
@@ -212,6 +214,7 @@ impl<B: StateBackend> CachedStateStore<B> {
             .stage(key, value.cloned(), self.engine.options.get_put_timeout())
             .await
             .map_err(|_| self.full_error(key))?;
+        Counters::bump(accepted);
         if coalesced {
             Counters::bump(&counters.coalesced);
         }

@@ -100,6 +100,15 @@ impl<B: StateBackend> Engine<B> {
 /// The flusher task: runs rounds when work is due, backs off after a failed
 /// round, and exits once shutdown is requested and nothing is dirty.
 pub(crate) async fn run<B: StateBackend>(engine: Arc<Engine<B>>) {
+    // Waiters must learn that no more rounds will run however the task ends:
+    // by returning, by being aborted (shutdown's deadline, drop) or by a panic.
+    struct MarkStopped<'a>(&'a watch::Sender<Progress>);
+    impl Drop for MarkStopped<'_> {
+        fn drop(&mut self) {
+            self.0.send_modify(|p| p.stopped = true);
+        }
+    }
+    let _mark_stopped = MarkStopped(&engine.progress);
     let mut backoff: Option<Duration> = None;
     loop {
         match backoff {
@@ -114,13 +123,13 @@ pub(crate) async fn run<B: StateBackend>(engine: Arc<Engine<B>>) {
         }
         backoff = match run_round(&engine).await {
             Ok(()) => None,
-            Err(()) => Some(match backoff {
-                None => RETRY_BACKOFF_START,
-                Some(previous) => (previous * 2).min(engine.options.get_retry_backoff_max()),
-            }),
+            Err(()) => Some(
+                backoff
+                    .map_or(RETRY_BACKOFF_START, |previous| previous * 2)
+                    .min(engine.options.get_retry_backoff_max()),
+            ),
         };
     }
-    engine.progress.send_modify(|p| p.stopped = true);
 }
 
 /// Sleeps until a round is due: requested by a waiter, enough dirty keys,

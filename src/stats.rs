@@ -12,9 +12,10 @@ pub struct CacheStats {
     pub dirty_keys: usize,
     /// Entries in the cache, dirty and clean.
     pub cached_keys: usize,
-    /// `put` calls accepted.
+    /// `put` calls accepted: staged in the cache (write-behind, group
+    /// commit) or committed (write-through).
     pub puts: u64,
-    /// `delete` calls accepted.
+    /// `delete` calls accepted, counted like `puts`.
     pub deletes: u64,
     /// Puts and deletes that replaced a not-yet-persisted write of the same
     /// key, so that only the newest was written.

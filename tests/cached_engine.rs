@@ -1,0 +1,643 @@
+//! The write-behind engine against `MemoryBackend`: every guarantee of the
+//! crate docs, checked without a server, with faults and stalls injected at
+//! chosen moments instead of sleeps.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use faucet_core::state::StateStore;
+use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, MemoryBackend};
+use serde_json::{Value, json};
+
+/// A flush interval long enough that only explicit flushes, full batches and
+/// shutdown make the flusher write during a test.
+const NEVER: Duration = Duration::from_secs(3600);
+
+fn write_behind() -> CacheOptions {
+    CacheOptions::new()
+        .durability(Durability::WriteBehind)
+        .flush_interval(NEVER)
+}
+
+fn store_with(options: CacheOptions) -> (Arc<MemoryBackend>, CachedStateStore<MemoryBackend>) {
+    let backend = Arc::new(MemoryBackend::new());
+    let store = CachedStateStore::new(backend.clone(), options).unwrap();
+    (backend, store)
+}
+
+// Guarantee 1: read-your-writes, flushed or not, in every mode.
+#[tokio::test]
+async fn reads_see_the_newest_write_before_and_after_flush() {
+    for durability in [
+        Durability::WriteThrough,
+        Durability::GroupCommit,
+        Durability::WriteBehind,
+    ] {
+        let (backend, store) = store_with(write_behind().durability(durability));
+        backend.insert_row("old", json!("persisted"));
+        assert_eq!(store.get("old").await.unwrap(), Some(json!("persisted")));
+        store.put("old", &json!("new")).await.unwrap();
+        store.put("fresh", &json!({"n": 1})).await.unwrap();
+        assert_eq!(
+            store.get("old").await.unwrap(),
+            Some(json!("new")),
+            "{durability:?}"
+        );
+        assert_eq!(store.get("fresh").await.unwrap(), Some(json!({"n": 1})));
+        store.delete("old").await.unwrap();
+        assert_eq!(store.get("old").await.unwrap(), None, "{durability:?}");
+        store.flush().await.unwrap();
+        assert_eq!(store.get("old").await.unwrap(), None);
+        assert_eq!(store.get("fresh").await.unwrap(), Some(json!({"n": 1})));
+        let rows = backend.rows();
+        assert_eq!(rows.get("old"), None, "{durability:?}");
+        assert_eq!(rows.get("fresh"), Some(&json!({"n": 1})));
+        store.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn write_behind_acknowledges_from_memory_and_coalesces_per_key() {
+    let (backend, store) = store_with(write_behind());
+    for i in 0..100 {
+        store.put("hot", &json!(i)).await.unwrap();
+    }
+    assert!(
+        backend.rows().is_empty(),
+        "write-behind wrote before a flush was due"
+    );
+    assert_eq!(backend.write_attempts(), 0);
+    store.flush().await.unwrap();
+    assert_eq!(backend.rows()["hot"], json!(99));
+    assert_eq!(
+        backend.committed_batches(),
+        [1],
+        "100 puts of one key are one row"
+    );
+    let stats = store.stats();
+    assert_eq!(
+        (stats.puts, stats.coalesced_puts, stats.rows_written),
+        (100, 99, 1)
+    );
+    assert_eq!(stats.dirty_keys, 0);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn write_behind_flushes_on_its_own_when_max_batch_keys_are_dirty() {
+    let (backend, store) = store_with(write_behind().max_batch(10));
+    for i in 0..10 {
+        store.put(&format!("k{i}"), &json!(i)).await.unwrap();
+    }
+    backend.wait_for_write_attempts(1).await;
+    store.flush().await.unwrap();
+    assert_eq!(backend.committed_batches(), [10]);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn write_behind_flushes_every_flush_interval() {
+    let backend = Arc::new(MemoryBackend::new());
+    let store = CachedStateStore::new(
+        backend.clone(),
+        write_behind().flush_interval(Duration::from_secs(1)),
+    )
+    .unwrap();
+    store.put("k", &json!(1)).await.unwrap();
+    // Paused time: the runtime jumps to the flusher's deadline when idle.
+    backend.wait_for_write_attempts(1).await;
+    assert_eq!(backend.rows()["k"], json!(1));
+    store.shutdown().await.unwrap();
+}
+
+// Guarantee 2: a put that arrives while its key is being flushed stays dirty,
+// and the older batch never overwrites it.
+#[tokio::test]
+async fn a_put_racing_the_flush_of_its_key_stays_dirty_and_lands_next() {
+    let (backend, store) = store_with(write_behind());
+    let store = Arc::new(store);
+    store.put("k", &json!("v1")).await.unwrap();
+    let pause = backend.pause_writes().await;
+    let first_flush = tokio::spawn({
+        let store = store.clone();
+        async move { store.flush().await }
+    });
+    backend.wait_for_write_attempts(1).await; // the batch carrying v1 is in flight
+    store.put("k", &json!("v2")).await.unwrap();
+    drop(pause);
+    first_flush.await.unwrap().unwrap();
+    assert_eq!(
+        backend.rows()["k"],
+        json!("v1"),
+        "the in-flight batch carried v1"
+    );
+    assert_eq!(
+        store.stats().dirty_keys,
+        1,
+        "v2 arrived during the flush: still dirty"
+    );
+    assert_eq!(store.get("k").await.unwrap(), Some(json!("v2")));
+    store.flush().await.unwrap();
+    assert_eq!(backend.rows()["k"], json!("v2"));
+    assert_eq!(backend.committed_batches(), [1, 1]);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_delete_after_a_put_in_one_window_does_not_resurrect_the_key() {
+    let (backend, store) = store_with(write_behind());
+    backend.insert_row("k", json!("persisted"));
+    store.put("k", &json!("transient")).await.unwrap();
+    store.delete("k").await.unwrap();
+    store.put("gone-too", &json!(1)).await.unwrap();
+    store.delete("gone-too").await.unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(backend.rows(), HashMap::new());
+    assert_eq!(store.get("k").await.unwrap(), None);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn flushes_are_chunked_into_batches_of_at_most_max_batch_keys() {
+    let (backend, store) = store_with(write_behind().max_batch(10).max_pending(1000));
+    let pause = backend.pause_writes().await; // keep auto-flushes from splitting the set
+    for i in 0..95 {
+        store.put(&format!("key-{i}"), &json!(i)).await.unwrap();
+    }
+    backend.wait_for_write_attempts(1).await; // a full batch triggered the flusher
+    drop(pause);
+    store.flush().await.unwrap();
+    let batches = backend.committed_batches();
+    assert!(batches.iter().all(|&n| n <= 10), "{batches:?}");
+    assert_eq!(batches.iter().sum::<usize>(), 95);
+    assert_eq!(backend.rows().len(), 95);
+    store.shutdown().await.unwrap();
+}
+
+// Guarantee 3: flush() Ok means committed; Err drops nothing.
+#[tokio::test]
+async fn a_failed_flush_keeps_every_entry_dirty_and_a_later_flush_commits_it() {
+    let (backend, store) = store_with(write_behind());
+    store.put("a", &json!(1)).await.unwrap();
+    store.delete("b").await.unwrap();
+    backend.fail_next_writes(1);
+    let err = store.flush().await.unwrap_err().to_string();
+    assert!(
+        err.contains("flush failed") && err.contains("2 keys stay dirty"),
+        "{err}"
+    );
+    let stats = store.stats();
+    assert_eq!((stats.dirty_keys, stats.flush_errors), (2, 1));
+    assert!(stats.last_error.unwrap().contains("fault injected"));
+    store.flush().await.unwrap();
+    assert_eq!(backend.rows(), HashMap::from([("a".to_owned(), json!(1))]));
+    assert_eq!(store.stats().dirty_keys, 0);
+    store.shutdown().await.unwrap();
+}
+
+// Guarantee 4: shutdown.
+#[tokio::test]
+async fn shutdown_persists_everything_then_refuses_writes() {
+    let (backend, store) = store_with(write_behind());
+    for i in 0..50 {
+        store.put(&format!("k{i}"), &json!(i)).await.unwrap();
+    }
+    store.shutdown().await.unwrap();
+    assert_eq!(backend.rows().len(), 50);
+    let err = store.put("late", &json!(1)).await.unwrap_err().to_string();
+    assert!(err.contains("shut down") && err.contains("late"), "{err}");
+    assert!(store.delete("k1").await.is_err());
+    assert_eq!(
+        store.get("k1").await.unwrap(),
+        Some(json!(1)),
+        "reads keep working"
+    );
+    store.shutdown().await.unwrap();
+    store.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_retries_until_its_deadline_then_reports_what_was_not_persisted() {
+    let (backend, store) = store_with(
+        write_behind()
+            .shutdown_timeout(Duration::from_millis(300))
+            .retry_backoff_max(Duration::from_millis(20)),
+    );
+    store.put("a", &json!(1)).await.unwrap();
+    store.put("b", &json!(2)).await.unwrap();
+    backend.set_unavailable(true);
+    let err = store.shutdown().await.unwrap_err().to_string();
+    assert!(
+        err.contains("2 keys were not persisted") && err.contains("unavailable"),
+        "{err}"
+    );
+    assert!(backend.write_attempts() >= 2, "shutdown retried");
+    assert!(
+        store.flush().await.is_err(),
+        "the flusher is gone and keys are left"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_succeeds_once_a_failing_backend_recovers_within_the_deadline() {
+    let (backend, store) = store_with(write_behind().retry_backoff_max(Duration::from_millis(10)));
+    store.put("a", &json!(1)).await.unwrap();
+    backend.fail_next_writes(3);
+    store.shutdown().await.unwrap();
+    assert_eq!(backend.rows()["a"], json!(1));
+    assert_eq!(backend.write_attempts(), 4);
+}
+
+#[tokio::test]
+async fn dropping_without_shutdown_stops_the_flusher() {
+    let (backend, store) = store_with(write_behind());
+    store.put("unflushed", &json!(1)).await.unwrap();
+    assert!(Arc::strong_count(&backend) > 1);
+    drop(store);
+    // The aborted flusher task releases the engine, and with it the backend.
+    for _ in 0..100 {
+        if Arc::strong_count(&backend) == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        Arc::strong_count(&backend),
+        1,
+        "the flusher task outlived the store"
+    );
+    assert!(backend.rows().is_empty());
+}
+
+// Guarantee 5, in process: what a crash (a drop without shutdown) can cost.
+#[tokio::test]
+async fn a_crash_costs_at_most_the_writes_since_the_last_committed_batch() {
+    let (backend, store) = store_with(write_behind());
+    store.put("a", &json!(1)).await.unwrap();
+    store.flush().await.unwrap();
+    store.put("a", &json!(2)).await.unwrap();
+    store.put("b", &json!(1)).await.unwrap();
+    drop(store);
+    assert_eq!(
+        backend.rows(),
+        HashMap::from([("a".to_owned(), json!(1))]),
+        "the flushed write survives; only the later ones are lost"
+    );
+
+    for durability in [Durability::WriteThrough, Durability::GroupCommit] {
+        let (backend, store) = store_with(write_behind().durability(durability));
+        store.put("a", &json!(1)).await.unwrap();
+        store.put("a", &json!(2)).await.unwrap();
+        store.delete("b").await.unwrap();
+        store.put("c", &json!(3)).await.unwrap();
+        drop(store);
+        assert_eq!(
+            backend.rows(),
+            HashMap::from([("a".to_owned(), json!(2)), ("c".to_owned(), json!(3))]),
+            "{durability:?}: every acknowledged write survives"
+        );
+    }
+}
+
+// Guarantee 6: bounded memory.
+#[tokio::test]
+async fn a_full_buffer_makes_writes_wait_then_fail_and_never_drops_one() {
+    let (backend, store) = store_with(
+        write_behind()
+            .max_pending(3)
+            .put_timeout(Duration::from_millis(100))
+            .retry_backoff_max(Duration::from_millis(10)),
+    );
+    backend.set_unavailable(true);
+    for key in ["a", "b", "c"] {
+        store.put(key, &json!(key)).await.unwrap();
+    }
+    store
+        .put("a", &json!("a2"))
+        .await
+        .expect("coalescing needs no room");
+    let err = store.put("d", &json!("d")).await.unwrap_err().to_string();
+    assert!(err.contains("'d'") && err.contains("max_pending"), "{err}");
+    assert_eq!(
+        store.get("d").await.ok().flatten(),
+        None,
+        "the refused write is not visible"
+    );
+    assert_eq!(store.stats().dirty_keys, 3);
+
+    backend.set_unavailable(false);
+    store.flush().await.unwrap();
+    store.put("d", &json!("d")).await.unwrap();
+    store.shutdown().await.unwrap();
+    let rows = backend.rows();
+    assert_eq!(
+        rows,
+        HashMap::from([
+            ("a".to_owned(), json!("a2")),
+            ("b".to_owned(), json!("b")),
+            ("c".to_owned(), json!("c")),
+            ("d".to_owned(), json!("d")),
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_write_proceeds_as_soon_as_the_flusher_makes_room() {
+    let (backend, store) = store_with(
+        write_behind()
+            .max_pending(1)
+            .max_batch(1)
+            .put_timeout(Duration::from_secs(30)),
+    );
+    let pause = backend.pause_writes().await;
+    store.put("a", &json!(1)).await.unwrap();
+    let store = Arc::new(store);
+    let waiting = tokio::spawn({
+        let store = store.clone();
+        async move { store.put("b", &json!(2)).await }
+    });
+    backend.wait_for_write_attempts(1).await;
+    assert!(!waiting.is_finished(), "no room while a is in flight");
+    drop(pause);
+    waiting.await.unwrap().unwrap();
+    store.shutdown().await.unwrap();
+    assert_eq!(backend.rows().len(), 2);
+}
+
+#[tokio::test]
+async fn only_clean_entries_are_evicted_and_clean_ones_stay_within_capacity() {
+    let (backend, store) = store_with(write_behind().cache_capacity(5).max_pending(100));
+    backend.set_unavailable(true);
+    for i in 0..20 {
+        store.put(&format!("k{i}"), &json!(i)).await.unwrap();
+    }
+    for i in 0..20 {
+        assert_eq!(store.get(&format!("k{i}")).await.unwrap(), Some(json!(i)));
+    }
+    assert_eq!(
+        store.stats().cached_keys,
+        20,
+        "dirty entries are never evicted"
+    );
+    assert_eq!(backend.loads(), 0);
+
+    backend.set_unavailable(false);
+    store.flush().await.unwrap();
+    let stats = store.stats();
+    assert_eq!(stats.cached_keys, 5, "{stats:?}");
+    assert_eq!(stats.evictions, 15);
+    // An evicted key is read back from the backend, with the right value.
+    assert_eq!(store.get("k0").await.unwrap(), Some(json!(0)));
+    assert_eq!(backend.loads(), 1);
+    assert!(store.stats().cached_keys <= 5);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn misses_read_the_backend_once_and_cache_absence_too() {
+    let (backend, store) = store_with(write_behind());
+    backend.insert_row("present", json!([1]));
+    for _ in 0..3 {
+        assert_eq!(store.get("present").await.unwrap(), Some(json!([1])));
+        assert_eq!(store.get("absent").await.unwrap(), None);
+    }
+    assert_eq!(backend.loads(), 2);
+    let stats = store.stats();
+    assert_eq!((stats.cache_misses, stats.cache_hits), (2, 4));
+
+    let (backend, store) = store_with(write_behind().cache_capacity(0));
+    backend.insert_row("present", json!(1));
+    store.get("present").await.unwrap();
+    store.get("present").await.unwrap();
+    assert_eq!(backend.loads(), 2, "capacity 0 turns read caching off");
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_by_put_not_discovered_by_the_flusher() {
+    let backend = Arc::new(MemoryBackend::new().with_max_value_bytes(64));
+    let store = CachedStateStore::new(backend.clone(), write_behind()).unwrap();
+    assert!(store.put("bad key", &json!(1)).await.is_err());
+    assert!(store.delete("").await.is_err());
+    assert!(store.get("a/b").await.is_err());
+    let err = store
+        .put("k", &json!("x".repeat(100)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("over the limit of 64 bytes"), "{err}");
+    let deep = (0..200).fold(json!(0), |inner, _| json!([inner]));
+    assert!(store.put("k", &deep).await.is_err());
+    store.flush().await.unwrap();
+    assert_eq!(store.stats().puts, 0);
+    assert_eq!(backend.write_attempts(), 0);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_options_and_a_missing_runtime_are_clear_errors() {
+    let backend = Arc::new(MemoryBackend::new());
+    let err = CachedStateStore::new(backend.clone(), CacheOptions::new().max_pending(0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_pending must be at least 1"), "{err}");
+    let outside = std::thread::spawn(move || {
+        CachedStateStore::new(backend, CacheOptions::new())
+            .unwrap_err()
+            .to_string()
+    })
+    .join()
+    .unwrap();
+    assert!(outside.contains("inside a tokio runtime"), "{outside}");
+}
+
+// Group commit: concurrent callers share a batch, each durable on return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_shares_batches_and_each_put_is_durable_on_return() {
+    let (backend, store) = store_with(CacheOptions::new().durability(Durability::GroupCommit));
+    let store = Arc::new(store);
+    let pause = backend.pause_writes().await;
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let (store, backend) = (store.clone(), backend.clone());
+            tokio::spawn(async move {
+                let key = format!("task-{i}");
+                store.put(&key, &json!(i)).await.unwrap();
+                assert_eq!(
+                    backend.rows().get(&key),
+                    Some(&json!(i)),
+                    "not durable on return"
+                );
+            })
+        })
+        .collect();
+    backend.wait_for_write_attempts(1).await; // the first batch is in flight
+    while store.stats().puts < 32 {
+        tokio::task::yield_now().await;
+    }
+    drop(pause);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let batches = backend.committed_batches();
+    assert_eq!(batches.iter().sum::<usize>(), 32);
+    assert!(
+        batches.len() <= 2,
+        "32 concurrent puts took batches {batches:?}"
+    );
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_group_commit_put_whose_batch_fails_errs_and_stays_queued() {
+    let (backend, store) = store_with(CacheOptions::new());
+    backend.fail_next_writes(1);
+    let err = store.put("k", &json!(1)).await.unwrap_err().to_string();
+    assert!(err.contains("'k'") && err.contains("stays queued"), "{err}");
+    assert_eq!(store.get("k").await.unwrap(), Some(json!(1)));
+    store.flush().await.unwrap();
+    assert_eq!(backend.rows()["k"], json!(1));
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn write_through_commits_before_returning_and_forgets_failed_writes() {
+    let (backend, store) = store_with(CacheOptions::new().durability(Durability::WriteThrough));
+    store.put("k", &json!(1)).await.unwrap();
+    assert_eq!(backend.rows()["k"], json!(1));
+    assert_eq!(store.get("k").await.unwrap(), Some(json!(1)));
+    assert_eq!(backend.loads(), 0, "served by the cache");
+
+    backend.fail_next_writes(1);
+    assert!(store.put("k", &json!(2)).await.is_err());
+    assert_eq!(
+        store.get("k").await.unwrap(),
+        Some(json!(1)),
+        "re-read from the backend"
+    );
+    assert_eq!(backend.loads(), 1);
+    store.delete("k").await.unwrap();
+    assert!(backend.rows().is_empty());
+    assert_eq!(store.stats().dirty_keys, 0);
+    store.shutdown().await.unwrap();
+}
+
+// Guarantee 7 (visibility): failures show in stats and in check().
+#[tokio::test]
+async fn check_reports_a_failing_flusher_and_a_stopped_one() {
+    let (backend, store) = store_with(write_behind().retry_backoff_max(Duration::from_millis(5)));
+    let report = store.check(&Default::default()).await.unwrap();
+    assert_eq!(report.failed_count(), 0, "{report:?}");
+    store.put("k", &json!(1)).await.unwrap();
+    backend.fail_next_writes(1);
+    assert!(store.flush().await.is_err());
+    let report = store.check(&Default::default()).await.unwrap();
+    let flusher = report.probes.iter().find(|p| p.name == "flusher").unwrap();
+    assert!(
+        format!("{:?}", flusher.status).contains("1 keys are waiting"),
+        "{report:?}"
+    );
+    store.flush().await.unwrap();
+    assert_eq!(
+        store
+            .check(&Default::default())
+            .await
+            .unwrap()
+            .failed_count(),
+        0
+    );
+    store.shutdown().await.unwrap();
+    assert_eq!(
+        store
+            .check(&Default::default())
+            .await
+            .unwrap()
+            .failed_count(),
+        1
+    );
+}
+
+/// What the test knows of one key: how many writes it has had, and the
+/// sequence number of the write that is current (`None` after a delete).
+#[derive(Default)]
+struct KeyModel {
+    writes: u64,
+    current: Option<u64>,
+}
+
+/// Many tasks writing few keys while flushes run: reads always match a model
+/// kept under the same per-key order, the stored values of a key only move
+/// forward, and after shutdown the backend equals the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tasks_on_few_keys_end_with_the_last_writes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const KEYS: [&str; 4] = ["a", "b", "c", "d"];
+    for durability in [
+        Durability::WriteBehind,
+        Durability::GroupCommit,
+        Durability::WriteThrough,
+    ] {
+        let (backend, store) = store_with(write_behind().durability(durability).max_batch(2));
+        let store = Arc::new(store);
+        // The model and the store are updated under one lock per key, so
+        // "the last write" of a key is well defined.
+        let model: Arc<Vec<tokio::sync::Mutex<KeyModel>>> =
+            Arc::new(KEYS.iter().map(|_| Default::default()).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = tokio::spawn({
+            let (backend, stop) = (backend.clone(), stop.clone());
+            async move {
+                let mut highest: HashMap<String, u64> = HashMap::new();
+                while !stop.load(Ordering::SeqCst) {
+                    for (key, value) in backend.rows() {
+                        let seq = value["seq"].as_u64().unwrap();
+                        let seen = highest.entry(key.clone()).or_insert(0);
+                        assert!(seq >= *seen, "{key} went back from {seen} to {seq}");
+                        *seen = seq;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let tasks: Vec<_> = (0..8u64)
+            .map(|task| {
+                let (store, model) = (store.clone(), model.clone());
+                tokio::spawn(async move {
+                    for step in 0..150u64 {
+                        let k = ((task * 7 + step * 3) % 4) as usize;
+                        let mut key_model = model[k].lock().await;
+                        key_model.writes += 1;
+                        let seq = key_model.writes;
+                        if step % 11 == 5 {
+                            store.delete(KEYS[k]).await.unwrap();
+                            key_model.current = None;
+                        } else {
+                            let value = json!({"task": task, "step": step, "seq": seq});
+                            store.put(KEYS[k], &value).await.unwrap();
+                            key_model.current = Some(seq);
+                        }
+                        let read = store.get(KEYS[k]).await.unwrap();
+                        assert_eq!(read.map(|v| v["seq"].as_u64().unwrap()), key_model.current);
+                        drop(key_model);
+                        if step % 37 == 0 {
+                            store.flush().await.unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        store.shutdown().await.unwrap();
+        stop.store(true, Ordering::SeqCst);
+        watcher.await.unwrap();
+        let rows = backend.rows();
+        for (k, key) in KEYS.iter().enumerate() {
+            let expected = model[k].lock().await.current;
+            let stored = rows.get(*key).map(|v: &Value| v["seq"].as_u64().unwrap());
+            assert_eq!(stored, expected, "{durability:?}: key {key}");
+        }
+    }
+}
