@@ -4,32 +4,61 @@
 
 mod support;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use faucet_core::FaucetError;
 use faucet_core::state::{MemoryStateStore, StateStore};
-use faucet_state_postgres::PostgresStateStore;
+use faucet_state_postgres::{CacheOptions, Durability, PostgresStateStore};
 use serde_json::{Value, json};
 
 type Store = Arc<dyn StateStore>;
+type FlushFuture = Pin<Box<dyn Future<Output = Result<(), FaucetError>> + Send>>;
 
-async fn absent_key_reads_none(store: Store) {
+/// A store under test, with what the flush checks need: how to flush it, and
+/// a reader that sees only what has been persisted (for stores without a
+/// write buffer, the store itself).
+struct Subject {
+    store: Store,
+    flush: Box<dyn Fn() -> FlushFuture + Send + Sync>,
+    persisted: Store,
+}
+
+impl std::ops::Deref for Subject {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl Subject {
+    fn unbuffered(store: Store) -> Self {
+        Subject {
+            persisted: store.clone(),
+            store,
+            flush: Box::new(|| Box::pin(async { Ok(()) })),
+        }
+    }
+}
+
+async fn absent_key_reads_none(store: Subject) {
     assert_eq!(store.get("absent").await.unwrap(), None);
 }
 
-async fn put_then_get_returns_the_value(store: Store) {
+async fn put_then_get_returns_the_value(store: Subject) {
     let value = json!({"cursor": {"page": 3, "ids": [1, 2]}, "done": false});
     store.put("k", &value).await.unwrap();
     assert_eq!(store.get("k").await.unwrap(), Some(value));
 }
 
-async fn put_overwrites(store: Store) {
+async fn put_overwrites(store: Subject) {
     store.put("k", &json!(1)).await.unwrap();
     store.put("k", &json!("two")).await.unwrap();
     assert_eq!(store.get("k").await.unwrap(), Some(json!("two")));
 }
 
-async fn delete_removes_and_is_idempotent(store: Store) {
+async fn delete_removes_and_is_idempotent(store: Subject) {
     store.delete("never").await.unwrap();
     store.put("k", &json!(1)).await.unwrap();
     store.delete("k").await.unwrap();
@@ -39,7 +68,7 @@ async fn delete_removes_and_is_idempotent(store: Store) {
     assert_eq!(store.get("k").await.unwrap(), Some(json!(2)));
 }
 
-async fn keys_are_independent(store: Store) {
+async fn keys_are_independent(store: Subject) {
     for i in 0..20 {
         store.put(&format!("key-{i}"), &json!(i)).await.unwrap();
     }
@@ -50,7 +79,7 @@ async fn keys_are_independent(store: Store) {
     }
 }
 
-async fn every_json_kind_round_trips(store: Store) {
+async fn every_json_kind_round_trips(store: Subject) {
     let values: [Value; 8] = [
         json!(null),
         json!(true),
@@ -72,7 +101,7 @@ async fn every_json_kind_round_trips(store: Store) {
     }
 }
 
-async fn invalid_keys_are_refused(store: Store) {
+async fn invalid_keys_are_refused(store: Subject) {
     for key in ["", ".dot", "a/b", "a b", "é"] {
         assert!(
             matches!(store.get(key).await, Err(FaucetError::State(_))),
@@ -89,7 +118,21 @@ async fn invalid_keys_are_refused(store: Store) {
     }
 }
 
-async fn check_passes_on_a_healthy_store(store: Store) {
+async fn flush_makes_writes_visible_to_a_fresh_reader(store: Subject) {
+    store.put("gone", &json!("soon")).await.unwrap();
+    (store.flush)().await.unwrap();
+    store.put("a", &json!({"v": 1})).await.unwrap();
+    store.put("a", &json!({"v": 2})).await.unwrap();
+    store.put("b", &json!([true])).await.unwrap();
+    store.delete("gone").await.unwrap();
+    (store.flush)().await.unwrap();
+    assert_eq!(store.persisted.get("a").await.unwrap(), Some(json!({"v": 2})));
+    assert_eq!(store.persisted.get("b").await.unwrap(), Some(json!([true])));
+    assert_eq!(store.persisted.get("gone").await.unwrap(), None);
+    (store.flush)().await.unwrap();
+}
+
+async fn check_passes_on_a_healthy_store(store: Subject) {
     let report = store.check(&Default::default()).await.unwrap();
     assert_eq!(report.failed_count(), 0, "{report:?}");
     assert!(!report.probes.is_empty());
@@ -103,7 +146,7 @@ async fn check_passes_on_a_healthy_store(store: Store) {
 }
 
 /// Instantiates every check above for one store, built by `$make` (an async
-/// expression yielding a `Store` with no rows).
+/// expression yielding a `Subject` with no rows).
 macro_rules! conformance {
     ($suite:ident, $make:expr) => {
         mod $suite {
@@ -116,6 +159,7 @@ macro_rules! conformance {
                 keys_are_independent,
                 every_json_kind_round_trips,
                 invalid_keys_are_refused,
+                flush_makes_writes_visible_to_a_fresh_reader,
                 check_passes_on_a_healthy_store,
             );
         }
@@ -130,18 +174,44 @@ macro_rules! conformance {
     };
 }
 
-async fn memory() -> Store {
-    Arc::new(MemoryStateStore::new())
+async fn memory() -> Subject {
+    Subject::unbuffered(Arc::new(MemoryStateStore::new()))
 }
 
-async fn plain() -> Store {
-    let table = support::unique_table("conformance_plain");
+async fn plain_store() -> PostgresStateStore {
+    let table = support::unique_table("conformance");
     let store = PostgresStateStore::connect_with(&support::database_url(), 2, &table)
         .await
         .unwrap();
     store.ensure_table().await.unwrap();
-    Arc::new(store)
+    store
+}
+
+async fn plain() -> Subject {
+    Subject::unbuffered(Arc::new(plain_store().await))
+}
+
+async fn cached(durability: Durability) -> Subject {
+    let plain = plain_store().await;
+    let persisted: Store =
+        Arc::new(PostgresStateStore::from_pool(plain.pool().clone(), plain.table()).unwrap());
+    let cached = Arc::new(
+        plain
+            .cached(CacheOptions::new().durability(durability))
+            .unwrap(),
+    );
+    Subject {
+        store: cached.clone(),
+        flush: Box::new(move || {
+            let cached = cached.clone();
+            Box::pin(async move { cached.flush().await })
+        }),
+        persisted,
+    }
 }
 
 conformance!(memory_store, memory().await);
 conformance!(plain_store, plain().await);
+conformance!(cached_write_through, cached(Durability::WriteThrough).await);
+conformance!(cached_group_commit, cached(Durability::GroupCommit).await);
+conformance!(cached_write_behind, cached(Durability::WriteBehind).await);
