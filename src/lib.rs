@@ -21,6 +21,99 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # The cached store
+//!
+//! [`CachedStateStore`] puts a read-through cache and a batching flusher in
+//! front of the plain store (or any [`StateBackend`]). Reads are answered from
+//! memory; writes are coalesced per key and persisted in batches of up to
+//! [`max_batch`](CacheOptions::max_batch) keys, one statement each. When a
+//! write returns is the [`Durability`] you choose:
+//!
+//! | mode | `put`/`delete` returns | a crash loses |
+//! |---|---|---|
+//! | [`WriteThrough`](Durability::WriteThrough) | after its own commit | nothing acknowledged |
+//! | [`GroupCommit`](Durability::GroupCommit) (default) | after the batch carrying it commits; concurrent writers share one | nothing acknowledged |
+//! | [`WriteBehind`](Durability::WriteBehind) | once the cache holds it | the writes not yet committed: about one `flush_interval` of them normally, more while the server is unreachable |
+//!
+//! Every knob and its default is listed on [`CacheOptions`].
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use faucet_core::state::StateStore;
+//! use faucet_state_postgres::{CacheOptions, Durability, PostgresStateStore};
+//!
+//! # async fn run() -> Result<(), faucet_core::FaucetError> {
+//! let plain = PostgresStateStore::connect("postgres://app:secret@localhost/app").await?;
+//! plain.ensure_table().await?;
+//! let store = Arc::new(plain.cached(CacheOptions::new().durability(Durability::WriteBehind))?);
+//! // Pipeline::new(&source, &sink).with_state_store(store.clone()).run().await?;
+//! store.shutdown().await?; // persist what is dirty before exiting
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees of the cached store
+//!
+//! These hold in every mode unless a mode is named. Each is pinned by the
+//! tests named after it (in `tests/cached_engine.rs` against an in-memory
+//! backend with injected faults, and in `tests/cached_postgres.rs` against a
+//! real server).
+//!
+//! 1. **Read-your-writes.** After `put(k, v)` returns, `get(k)` on the same
+//!    store returns `v`; after `delete(k)`, `None`; flushed or not. Dirty
+//!    entries are never evicted. *(`reads_see_the_newest_write_before_and_after_flush`,
+//!    the conformance suite)*
+//! 2. **Whole values, never older.** A row only ever holds a value that was
+//!    put for its key, whole, and per key never goes back to an older value:
+//!    batches never overlap, and a put that arrives while its key is being
+//!    flushed stays dirty and is written by the next batch. A delete after a
+//!    put in the same window deletes. *(`a_put_racing_the_flush_of_its_key_stays_dirty_and_lands_next`,
+//!    `a_delete_after_a_put_in_one_window_does_not_resurrect_the_key`,
+//!    `many_tasks_on_few_keys_end_with_the_last_writes`, `puts_racing_flushes_end_with_the_last_values`)*
+//! 3. **`flush()`.** When it returns `Ok`, every put and delete that returned
+//!    before `flush()` was called is committed. On `Err` nothing is dropped:
+//!    the entries stay dirty and the flusher retries them.
+//!    *(`a_failed_flush_keeps_every_entry_dirty_and_a_later_flush_commits_it`)*
+//! 4. **`shutdown()`.** Later writes get an error; every dirty entry is
+//!    flushed, retrying until [`shutdown_timeout`](CacheOptions::shutdown_timeout);
+//!    the flusher ends. `Ok` only when nothing is left; otherwise the error
+//!    says how many keys were not persisted. Dropping the store without
+//!    `shutdown()` logs a warning with that count and stops the flusher task.
+//!    *(`shutdown_persists_everything_then_refuses_writes`,
+//!    `shutdown_retries_until_its_deadline_then_reports_what_was_not_persisted`,
+//!    `shutdown_with_the_server_down_reports_what_was_not_persisted`,
+//!    `dropping_without_shutdown_stops_the_flusher`,
+//!    `failed_batches_and_drops_without_shutdown_are_logged_as_warnings`)*
+//! 5. **Crash loss.** In write-behind mode a crash loses at most the writes
+//!    made since the last committed batch, never a write that a completed
+//!    `flush()` or `shutdown()` acknowledged. In write-through and group-commit
+//!    modes it loses no write whose `put` or `delete` returned.
+//!    *(`a_crash_costs_at_most_the_writes_since_the_last_committed_batch`,
+//!    `group_commit_puts_from_64_tasks_are_each_durable_on_return`)*
+//! 6. **Bounded memory.** At most [`max_pending`](CacheOptions::max_pending)
+//!    keys are dirty. When that many are, a write of another key waits for
+//!    the flusher up to [`put_timeout`](CacheOptions::put_timeout), then
+//!    returns an error; a write is never dropped silently. Clean entries are
+//!    bounded by [`cache_capacity`](CacheOptions::cache_capacity), oldest
+//!    first, and only clean entries are evicted.
+//!    *(`a_full_buffer_makes_writes_wait_then_fail_and_never_drops_one`,
+//!    `only_clean_entries_are_evicted_and_clean_ones_stay_within_capacity`,
+//!    `an_outage_fills_the_buffer_then_the_store_recovers_by_itself`)*
+//! 7. **Outages.** With the server down or a connection cut, the flusher
+//!    retries with capped exponential backoff (50 ms doubling up to
+//!    [`retry_backoff_max`](CacheOptions::retry_backoff_max)) and the store
+//!    recovers by itself when the server is back. The failure is visible: a
+//!    `tracing` warning, the error from `flush()`, the `flusher` probe of
+//!    `check()`, and [`CachedStateStore::stats`] (dirty keys, batches, rows
+//!    written, coalesced puts, last error, cache hits and misses).
+//!    *(`an_outage_fills_the_buffer_then_the_store_recovers_by_itself`,
+//!    `check_reports_a_failing_flusher_and_a_stopped_one`,
+//!    `failed_batches_and_drops_without_shutdown_are_logged_as_warnings`)*
+//!
+//! In group-commit mode a `put` whose batch fails returns the error, but the
+//! write stays queued and is retried like any dirty entry: an `Err` means
+//! "not known to be durable yet", as with any database commit whose outcome
+//! was not seen.
+//!
 //! # Storage layout
 //!
 //! One table (default `faucet_state`):

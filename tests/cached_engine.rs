@@ -641,3 +641,55 @@ async fn many_tasks_on_few_keys_end_with_the_last_writes() {
         }
     }
 }
+
+/// Everything logged through `tracing` on this thread while `f` runs.
+async fn logged<F: std::future::Future<Output = ()>>(f: F) -> String {
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let buffer = buffer.clone();
+            move || buffer.clone()
+        })
+        .with_ansi(false)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    f.await;
+    drop(guard);
+    let bytes = buffer.0.lock().unwrap().clone();
+    String::from_utf8(bytes).unwrap()
+}
+
+// Guarantee 7 (visibility) and 4 (drop): failures are logged as warnings.
+#[tokio::test]
+async fn failed_batches_and_drops_without_shutdown_are_logged_as_warnings() {
+    let log = logged(async {
+        let (backend, store) = store_with(write_behind());
+        store.put("a", &json!(1)).await.unwrap();
+        backend.fail_next_writes(1);
+        assert!(store.flush().await.is_err());
+        store.put("b", &json!(2)).await.unwrap();
+        drop(store);
+    })
+    .await;
+    assert!(
+        log.contains("WARN")
+            && log.contains("flushing a batch failed")
+            && log.contains("fault injected"),
+        "{log}"
+    );
+    assert!(
+        log.contains("dropped without shutdown()") && log.contains("2 keys were not persisted"),
+        "{log}"
+    );
+}

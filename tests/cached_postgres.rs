@@ -52,11 +52,22 @@ fn write_behind() -> CacheOptions {
 #[tokio::test]
 async fn write_behind_writes_nothing_until_flush_then_batches() {
     let url = support::database_url();
-    let store = cached_on(&url, "wb_batches", write_behind().max_batch(1000).max_pending(5000)).await;
+    let store = cached_on(
+        &url,
+        "wb_batches",
+        write_behind().max_batch(1000).max_pending(5000),
+    )
+    .await;
     for i in 0..2500 {
-        store.put(&format!("key-{i:04}"), &json!({"i": i})).await.unwrap();
+        store
+            .put(&format!("key-{i:04}"), &json!({"i": i}))
+            .await
+            .unwrap();
     }
-    assert!(table_rows(&store).await.is_empty(), "nothing is written before a flush");
+    assert!(
+        table_rows(&store).await.is_empty(),
+        "nothing is written before a flush"
+    );
     store.flush().await.unwrap();
     let rows = table_rows(&store).await;
     assert_eq!(rows.len(), 2500);
@@ -73,13 +84,24 @@ async fn write_behind_writes_nothing_until_flush_then_batches() {
 async fn deletes_and_upserts_share_a_batch_and_nothing_is_resurrected() {
     let url = support::database_url();
     let store = cached_on(&url, "wb_delete", write_behind()).await;
-    store.backend().put("old", &json!("persisted")).await.unwrap();
+    store
+        .backend()
+        .put("old", &json!("persisted"))
+        .await
+        .unwrap();
     store.put("old", &json!("transient")).await.unwrap();
     store.delete("old").await.unwrap();
     store.put("new", &json!(1)).await.unwrap();
     store.flush().await.unwrap();
-    assert_eq!(table_rows(&store).await, HashMap::from([("new".to_owned(), json!(1))]));
-    assert_eq!(store.stats().batches_written, 1, "one statement carried both");
+    assert_eq!(
+        table_rows(&store).await,
+        HashMap::from([("new".to_owned(), json!(1))])
+    );
+    assert_eq!(
+        store.stats().batches_written,
+        1,
+        "one statement carried both"
+    );
     assert_eq!(store.get("old").await.unwrap(), None);
     store.shutdown().await.unwrap();
 }
@@ -149,9 +171,18 @@ async fn group_commit_puts_from_64_tasks_are_each_durable_on_return() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_tasks_on_few_keys_leave_the_table_equal_to_the_last_writes() {
     let url = support::database_url();
-    for durability in [Durability::WriteBehind, Durability::GroupCommit, Durability::WriteThrough] {
+    for durability in [
+        Durability::WriteBehind,
+        Durability::GroupCommit,
+        Durability::WriteThrough,
+    ] {
         let store = Arc::new(
-            cached_on(&url, "few_keys", write_behind().durability(durability).max_batch(3)).await,
+            cached_on(
+                &url,
+                "few_keys",
+                write_behind().durability(durability).max_batch(3),
+            )
+            .await,
         );
         // The test serialises writes per key (not per store), so "last" is known.
         let last: Arc<Vec<tokio::sync::Mutex<Option<Value>>>> =
@@ -186,7 +217,11 @@ async fn many_tasks_on_few_keys_leave_the_table_equal_to_the_last_writes() {
         let rows = table_rows(&store).await;
         for k in 0..5 {
             let expected = last[k].lock().await.clone();
-            assert_eq!(rows.get(&format!("key-{k}")), expected.as_ref(), "{durability:?} key-{k}");
+            assert_eq!(
+                rows.get(&format!("key-{k}")),
+                expected.as_ref(),
+                "{durability:?} key-{k}"
+            );
         }
     }
 }
@@ -213,12 +248,19 @@ async fn an_outage_fills_the_buffer_then_the_store_recovers_by_itself() {
         store.put(&format!("k{i}"), &json!(i)).await.unwrap();
     }
     store.put("before", &json!("updated")).await.unwrap(); // 10th dirty key
-    let err = store.put("overflow", &json!(1)).await.unwrap_err().to_string();
+    let err = store
+        .put("overflow", &json!(1))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("max_pending"), "{err}");
     let err = store.flush().await.unwrap_err().to_string();
     assert!(err.contains("10 keys stay dirty"), "{err}");
     let stats = store.stats();
-    assert!(stats.flush_errors >= 1 && stats.last_error.is_some(), "{stats:?}");
+    assert!(
+        stats.flush_errors >= 1 && stats.last_error.is_some(),
+        "{stats:?}"
+    );
     let report = store.check(&Default::default()).await.unwrap();
     assert!(report.failed_count() >= 1, "{report:?}");
 
@@ -231,7 +273,10 @@ async fn an_outage_fills_the_buffer_then_the_store_recovers_by_itself() {
             break;
         }
     }
-    assert!(recovered, "the store did not recover after the server came back");
+    assert!(
+        recovered,
+        "the store did not recover after the server came back"
+    );
     store.put("overflow", &json!(1)).await.unwrap();
     store.shutdown().await.unwrap();
     let rows = table_rows(&store).await;
@@ -256,7 +301,14 @@ async fn shutdown_with_the_server_down_reports_what_was_not_persisted() {
     server.stop_immediate();
     let err = store.shutdown().await.unwrap_err().to_string();
     assert!(err.contains("2 keys were not persisted"), "{err}");
-    assert!(store.put("c", &json!(3)).await.unwrap_err().to_string().contains("shut down"));
+    assert!(
+        store
+            .put("c", &json!(3))
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("shut down")
+    );
 }
 
 #[tokio::test]
@@ -266,9 +318,21 @@ async fn tables_are_shared_between_the_cached_and_the_plain_store() {
     let plain =
         PostgresStateStore::from_pool(cached.backend().pool().clone(), cached.backend().table())
             .unwrap();
-    plain.put("from-plain", &json!({"nul": "a\u{0}b"})).await.unwrap();
-    assert_eq!(cached.get("from-plain").await.unwrap(), Some(json!({"nul": "a\u{0}b"})));
-    cached.put("from-cached", &json!({"nul": "\u{0}"})).await.unwrap();
+    plain
+        .put("from-plain", &json!({"nul": "a\u{0}b"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        cached.get("from-plain").await.unwrap(),
+        Some(json!({"nul": "a\u{0}b"}))
+    );
+    cached
+        .put("from-cached", &json!({"nul": "\u{0}"}))
+        .await
+        .unwrap();
     cached.shutdown().await.unwrap();
-    assert_eq!(plain.get("from-cached").await.unwrap(), Some(json!({"nul": "\u{0}"})));
+    assert_eq!(
+        plain.get("from-cached").await.unwrap(),
+        Some(json!({"nul": "\u{0}"}))
+    );
 }

@@ -126,7 +126,10 @@ async fn flush_makes_writes_visible_to_a_fresh_reader(store: Subject) {
     store.put("b", &json!([true])).await.unwrap();
     store.delete("gone").await.unwrap();
     (store.flush)().await.unwrap();
-    assert_eq!(store.persisted.get("a").await.unwrap(), Some(json!({"v": 2})));
+    assert_eq!(
+        store.persisted.get("a").await.unwrap(),
+        Some(json!({"v": 2}))
+    );
     assert_eq!(store.persisted.get("b").await.unwrap(), Some(json!([true])));
     assert_eq!(store.persisted.get("gone").await.unwrap(), None);
     (store.flush)().await.unwrap();
