@@ -1,0 +1,295 @@
+//! Write and read throughput of every store, side by side in one run, against
+//! the throwaway PostgreSQL (or `DATABASE_URL`).
+//!
+//! ```text
+//! cargo bench --bench throughput             # full run
+//! cargo bench --bench throughput -- --quick  # quick run, under 3 minutes
+//! ```
+//!
+//! Every group has a `baseline`: what a plain store does, one statement per
+//! call through a bare sqlx pool with sqlx's default options (which ping a
+//! connection on every acquire). `baseline_no_ping` is the same with that ping
+//! turned off, to show how much of the gap the ping alone explains.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use faucet_core::state::StateStore;
+use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, PostgresStateStore};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::types::Json;
+use tokio::runtime::Runtime;
+
+const POOL_SIZE: u32 = 5;
+const DISTINCT_KEYS: usize = 10_000;
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// One way of writing and reading bookmarks.
+#[derive(Clone)]
+enum Subject {
+    /// One statement per call through a bare sqlx pool.
+    Baseline { pool: PgPool, table: String },
+    Store(Arc<dyn StateStore>),
+}
+
+impl Subject {
+    async fn put(&self, key: &str, value: &Value) {
+        match self {
+            Subject::Baseline { pool, table } => {
+                sqlx::query(&format!(
+                    "INSERT INTO \"{table}\" (key, value) VALUES ($1, $2) \
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = NOW()"
+                ))
+                .bind(key)
+                .bind(Json(value))
+                .execute(pool)
+                .await
+                .expect("baseline upsert");
+            }
+            Subject::Store(store) => store.put(key, value).await.expect("put"),
+        }
+    }
+
+    async fn get(&self, key: &str) -> Option<Value> {
+        match self {
+            Subject::Baseline { pool, table } => {
+                sqlx::query_scalar::<_, Json<Value>>(&format!(
+                    "SELECT value FROM \"{table}\" WHERE key = $1"
+                ))
+                .bind(key)
+                .fetch_optional(pool)
+                .await
+                .expect("baseline select")
+                .map(|Json(v)| v)
+            }
+            Subject::Store(store) => store.get(key).await.expect("get"),
+        }
+    }
+}
+
+struct Env {
+    rt: Runtime,
+    url: String,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            rt: runtime(),
+            url: support::database_url(),
+        }
+    }
+
+    async fn plain(&self, tag: &str) -> PostgresStateStore {
+        let store =
+            PostgresStateStore::connect_with(&self.url, POOL_SIZE, &support::unique_table(tag))
+                .await
+                .expect("connect");
+        store.ensure_table().await.expect("table");
+        store
+    }
+
+    async fn baseline(&self, ping: bool) -> Subject {
+        let plain = self.plain("baseline").await;
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .test_before_acquire(ping)
+            .connect(&self.url)
+            .await
+            .expect("baseline pool");
+        Subject::Baseline {
+            pool,
+            table: plain.table().to_owned(),
+        }
+    }
+
+    async fn cached(&self, durability: Durability, options: CacheOptions) -> Arc<CachedStateStore> {
+        let plain = self.plain("cached").await;
+        Arc::new(plain.cached(options.durability(durability)).expect("cached store"))
+    }
+
+    /// Every subject of the write comparison, by name.
+    fn writers(&self) -> Vec<(&'static str, Subject, Option<Arc<CachedStateStore>>)> {
+        self.rt.block_on(async {
+            let mut subjects = vec![
+                ("baseline", self.baseline(true).await, None),
+                ("baseline_no_ping", self.baseline(false).await, None),
+                ("plain", Subject::Store(Arc::new(self.plain("plain").await)), None),
+            ];
+            for (name, durability) in [
+                ("write_through", Durability::WriteThrough),
+                ("group_commit", Durability::GroupCommit),
+                ("write_behind", Durability::WriteBehind),
+            ] {
+                let store = self.cached(durability, CacheOptions::new()).await;
+                subjects.push((name, Subject::Store(store.clone()), Some(store)));
+            }
+            subjects
+        })
+    }
+}
+
+/// Runs `ops` puts spread over `tasks` tasks and returns the time `iters` of
+/// them took (scaled, since `ops` is rounded up to a multiple of `tasks`).
+fn timed_puts(
+    env: &Env,
+    subject: &Subject,
+    iters: u64,
+    tasks: usize,
+    key_of: impl Fn(usize, usize) -> String + Send + Sync + Copy + 'static,
+) -> Duration {
+    let per_task = (iters as usize).div_ceil(tasks).max(1);
+    let elapsed = env.rt.block_on(async {
+        let start = Instant::now();
+        let handles: Vec<_> = (0..tasks)
+            .map(|task| {
+                let subject = subject.clone();
+                tokio::spawn(async move {
+                    for i in 0..per_task {
+                        subject.put(&key_of(task, i), &json!({"task": task, "i": i})).await;
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.await.expect("put task");
+        }
+        start.elapsed()
+    });
+    elapsed.mul_f64(iters as f64 / (per_task * tasks) as f64)
+}
+
+fn puts(c: &mut Criterion) {
+    let env = Env::new();
+    let writers = env.writers();
+    type KeyOf = fn(usize, usize) -> String;
+    let scenarios: [(&str, usize, KeyOf); 4] = [
+        ("1_task_hot_key", 1, |_, _| "hot".to_owned()),
+        ("1_task_10k_keys", 1, |_, i| format!("k{}", i % DISTINCT_KEYS)),
+        ("16_tasks_distinct_keys", 16, |t, i| {
+            format!("t{t}-{}", i % (DISTINCT_KEYS / 16))
+        }),
+        ("64_tasks_distinct_keys", 64, |t, i| {
+            format!("t{t}-{}", i % (DISTINCT_KEYS / 64))
+        }),
+    ];
+    for (scenario, tasks, key_of) in scenarios {
+        let mut group = c.benchmark_group(format!("put/{scenario}"));
+        group.throughput(Throughput::Elements(1));
+        for (name, subject, _) in &writers {
+            group.bench_function(*name, |b| {
+                b.iter_custom(|iters| timed_puts(&env, subject, iters, tasks, key_of))
+            });
+        }
+        group.finish();
+    }
+    env.rt.block_on(async {
+        for (_, _, store) in writers {
+            if let Some(store) = store {
+                store.shutdown().await.expect("shutdown");
+            }
+        }
+    });
+}
+
+/// Rows persisted per second: put `n` distinct keys into a write-behind store
+/// and `flush()`; the time covers both, so it is a lower bound on the
+/// flusher's own rate.
+fn flushes(c: &mut Criterion) {
+    let env = Env::new();
+    let mut group = c.benchmark_group("flush");
+    group.sampling_mode(SamplingMode::Flat).sample_size(10);
+    for n in [1_000usize, 10_000, 100_000] {
+        group.throughput(Throughput::Elements(n as u64));
+        for max_batch in [100usize, 1_000, 10_000] {
+            let store = env.rt.block_on(env.cached(
+                Durability::WriteBehind,
+                CacheOptions::new()
+                    .flush_interval(Duration::from_secs(3600))
+                    .max_batch(max_batch)
+                    .max_pending(n.max(max_batch)),
+            ));
+            let mut round = 0u64;
+            group.bench_function(BenchmarkId::new(format!("{n}_keys"), max_batch), |b| {
+                b.iter_custom(|iters| {
+                    env.rt.block_on(async {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            round += 1;
+                            for i in 0..n {
+                                store
+                                    .put(&format!("f{i}"), &json!({"round": round, "i": i}))
+                                    .await
+                                    .expect("put");
+                            }
+                            store.flush().await.expect("flush");
+                        }
+                        start.elapsed()
+                    })
+                })
+            });
+            env.rt.block_on(store.shutdown()).expect("shutdown");
+        }
+    }
+    group.finish();
+}
+
+fn gets(c: &mut Criterion) {
+    let env = Env::new();
+    let subjects: Vec<(&str, Subject)> = env.rt.block_on(async {
+        let hit = env.cached(Durability::WriteThrough, CacheOptions::new()).await;
+        let miss = env
+            .cached(Durability::WriteThrough, CacheOptions::new().cache_capacity(0))
+            .await;
+        vec![
+            ("baseline", env.baseline(true).await),
+            ("baseline_no_ping", env.baseline(false).await),
+            ("plain", Subject::Store(Arc::new(env.plain("plain_get").await))),
+            ("cached_hit", Subject::Store(hit)),
+            ("cached_miss", Subject::Store(miss)),
+        ]
+    });
+    let value = json!({"lsn": "0/16B3748", "ts": 1_764_000_000});
+    let mut group = c.benchmark_group("get");
+    group.throughput(Throughput::Elements(1));
+    for (name, subject) in &subjects {
+        env.rt.block_on(async {
+            subject.put("bookmark", &value).await;
+            assert_eq!(subject.get("bookmark").await.as_ref(), Some(&value));
+        });
+        group.bench_function(*name, |b| {
+            b.iter_custom(|iters| {
+                env.rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        std::hint::black_box(subject.get("bookmark").await);
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = puts, flushes, gets
+}
+criterion_main!(benches);
