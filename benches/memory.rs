@@ -116,8 +116,14 @@ fn main() {
     let payload = key(0).len() + serde_json::to_string(&bookmark(0)).unwrap().len();
     println!("memory: {keys} keys, key + bookmark JSON = {payload} bytes each");
     for (name, durability) in [
-        ("clean entry (persisted, cached for reads)", Durability::WriteThrough),
-        ("dirty entry (write-behind, not yet flushed)", Durability::WriteBehind),
+        (
+            "clean entry (persisted, cached for reads)",
+            Durability::WriteThrough,
+        ),
+        (
+            "dirty entry (write-behind, not yet flushed)",
+            Durability::WriteBehind,
+        ),
     ] {
         let per_key = rt.block_on(bytes_per_key(durability, keys));
         println!("memory: {name}: {per_key:.0} bytes of heap per key");

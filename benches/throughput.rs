@@ -17,7 +17,9 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use criterion::{
+    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
 use faucet_core::state::StateStore;
 use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, PostgresStateStore};
 use serde_json::{Value, json};
@@ -41,7 +43,10 @@ fn runtime() -> Runtime {
 #[derive(Clone)]
 enum Subject {
     /// One statement per call through a bare sqlx pool.
-    Baseline { pool: PgPool, table: String },
+    Baseline {
+        pool: PgPool,
+        table: String,
+    },
     Store(Arc<dyn StateStore>),
 }
 
@@ -65,16 +70,14 @@ impl Subject {
 
     async fn get(&self, key: &str) -> Option<Value> {
         match self {
-            Subject::Baseline { pool, table } => {
-                sqlx::query_scalar::<_, Json<Value>>(&format!(
-                    "SELECT value FROM \"{table}\" WHERE key = $1"
-                ))
-                .bind(key)
-                .fetch_optional(pool)
-                .await
-                .expect("baseline select")
-                .map(|Json(v)| v)
-            }
+            Subject::Baseline { pool, table } => sqlx::query_scalar::<_, Json<Value>>(&format!(
+                "SELECT value FROM \"{table}\" WHERE key = $1"
+            ))
+            .bind(key)
+            .fetch_optional(pool)
+            .await
+            .expect("baseline select")
+            .map(|Json(v)| v),
             Subject::Store(store) => store.get(key).await.expect("get"),
         }
     }
@@ -118,7 +121,11 @@ impl Env {
 
     async fn cached(&self, durability: Durability, options: CacheOptions) -> Arc<CachedStateStore> {
         let plain = self.plain("cached").await;
-        Arc::new(plain.cached(options.durability(durability)).expect("cached store"))
+        Arc::new(
+            plain
+                .cached(options.durability(durability))
+                .expect("cached store"),
+        )
     }
 
     /// Every subject of the write comparison, by name.
@@ -127,7 +134,11 @@ impl Env {
             let mut subjects = vec![
                 ("baseline", self.baseline(true).await, None),
                 ("baseline_no_ping", self.baseline(false).await, None),
-                ("plain", Subject::Store(Arc::new(self.plain("plain").await)), None),
+                (
+                    "plain",
+                    Subject::Store(Arc::new(self.plain("plain").await)),
+                    None,
+                ),
             ];
             for (name, durability) in [
                 ("write_through", Durability::WriteThrough),
@@ -159,7 +170,9 @@ fn timed_puts(
                 let subject = subject.clone();
                 tokio::spawn(async move {
                     for i in 0..per_task {
-                        subject.put(&key_of(task, i), &json!({"task": task, "i": i})).await;
+                        subject
+                            .put(&key_of(task, i), &json!({"task": task, "i": i}))
+                            .await;
                     }
                 })
             })
@@ -178,7 +191,9 @@ fn puts(c: &mut Criterion) {
     type KeyOf = fn(usize, usize) -> String;
     let scenarios: [(&str, usize, KeyOf); 4] = [
         ("1_task_hot_key", 1, |_, _| "hot".to_owned()),
-        ("1_task_10k_keys", 1, |_, i| format!("k{}", i % DISTINCT_KEYS)),
+        ("1_task_10k_keys", 1, |_, i| {
+            format!("k{}", i % DISTINCT_KEYS)
+        }),
         ("16_tasks_distinct_keys", 16, |t, i| {
             format!("t{t}-{}", i % (DISTINCT_KEYS / 16))
         }),
@@ -215,13 +230,15 @@ fn flushes(c: &mut Criterion) {
     for n in [1_000usize, 10_000, 100_000] {
         group.throughput(Throughput::Elements(n as u64));
         for max_batch in [100usize, 1_000, 10_000] {
-            let store = env.rt.block_on(env.cached(
-                Durability::WriteBehind,
-                CacheOptions::new()
-                    .flush_interval(Duration::from_secs(3600))
-                    .max_batch(max_batch)
-                    .max_pending(n.max(max_batch)),
-            ));
+            let store = env.rt.block_on(
+                env.cached(
+                    Durability::WriteBehind,
+                    CacheOptions::new()
+                        .flush_interval(Duration::from_secs(3600))
+                        .max_batch(max_batch)
+                        .max_pending(n.max(max_batch)),
+                ),
+            );
             let mut round = 0u64;
             group.bench_function(BenchmarkId::new(format!("{n}_keys"), max_batch), |b| {
                 b.iter_custom(|iters| {
@@ -250,14 +267,22 @@ fn flushes(c: &mut Criterion) {
 fn gets(c: &mut Criterion) {
     let env = Env::new();
     let subjects: Vec<(&str, Subject)> = env.rt.block_on(async {
-        let hit = env.cached(Durability::WriteThrough, CacheOptions::new()).await;
+        let hit = env
+            .cached(Durability::WriteThrough, CacheOptions::new())
+            .await;
         let miss = env
-            .cached(Durability::WriteThrough, CacheOptions::new().cache_capacity(0))
+            .cached(
+                Durability::WriteThrough,
+                CacheOptions::new().cache_capacity(0),
+            )
             .await;
         vec![
             ("baseline", env.baseline(true).await),
             ("baseline_no_ping", env.baseline(false).await),
-            ("plain", Subject::Store(Arc::new(env.plain("plain_get").await))),
+            (
+                "plain",
+                Subject::Store(Arc::new(env.plain("plain_get").await)),
+            ),
             ("cached_hit", Subject::Store(hit)),
             ("cached_miss", Subject::Store(miss)),
         ]
