@@ -1,0 +1,180 @@
+//! Tools of the fault suite: a seeded random generator, a TCP proxy that
+//! cuts connections on demand, child processes of this very test binary, and
+//! a report line per scenario.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Environment variable that turns a run of this binary into a child role.
+pub const CHILD_ROLE: &str = "FAUCET_FAULT_CHILD";
+
+/// SplitMix64: small, seedable and good enough to choose fault timings and
+/// operations reproducibly.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// A duration between `min_ms` and `max_ms` milliseconds.
+    pub fn millis(&mut self, min_ms: u64, max_ms: u64) -> Duration {
+        Duration::from_millis(min_ms + self.below(max_ms - min_ms + 1))
+    }
+}
+
+/// The seed of this run: `FAUCET_FAULT_SEED` to replay one, else the clock.
+/// Reported on stderr so a failure can be replayed.
+pub fn seed(scenario: &str) -> u64 {
+    let seed = std::env::var("FAUCET_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+    report(&format!(
+        "{scenario}: seed {seed} (replay with FAUCET_FAULT_SEED={seed})"
+    ));
+    seed
+}
+
+/// Writes one line to the real stderr. Unlike `eprintln!`, this is not
+/// captured by the test harness, so every scenario's counts show in a plain
+/// `cargo test` run.
+pub fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "faults | {line}");
+}
+
+/// A command that runs this test binary again as a child in `role`, through
+/// the test named `entry` (which does nothing unless [`CHILD_ROLE`] is set).
+pub fn child(entry: &str, role: &str) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("test binary path"));
+    cmd.args([entry, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ROLE, role)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    cmd
+}
+
+/// A loopback TCP proxy in front of a PostgreSQL port that drops every open
+/// connection whenever [`cut_all`](Self::cut_all) is called.
+pub struct CuttingProxy {
+    port: u16,
+    cut: watch::Sender<u64>,
+    cuts: Arc<AtomicU64>,
+    accept_loop: JoinHandle<()>,
+}
+
+impl CuttingProxy {
+    pub async fn start(upstream_port: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (cut, _) = watch::channel(0u64);
+        let accept_loop = tokio::spawn({
+            let cut = cut.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let mut cut_signal = cut.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await
+                        else {
+                            return;
+                        };
+                        let (mut client, mut upstream) = (client, upstream);
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                            _ = cut_signal.changed() => {
+                                // Reset rather than close: both ends see the
+                                // connection die mid-stream, as with a
+                                // failing network.
+                                #[allow(deprecated)]
+                                {
+                                    let _ = client.set_linger(Some(Duration::ZERO));
+                                    let _ = upstream.set_linger(Some(Duration::ZERO));
+                                }
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        CuttingProxy {
+            port,
+            cut,
+            cuts: Arc::default(),
+            accept_loop,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Drops every connection open through the proxy right now.
+    pub fn cut_all(&self) {
+        self.cuts.fetch_add(1, Ordering::Relaxed);
+        self.cut.send_modify(|generation| *generation += 1);
+    }
+
+    pub fn cuts(&self) -> u64 {
+        self.cuts.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.accept_loop.abort();
+        self.cut_all();
+    }
+}
+
+/// `url` with its port replaced.
+pub fn with_port(url: &str, port: u16) -> String {
+    let mut parsed = url::Url::parse(url).expect("database URL");
+    parsed.set_port(Some(port)).expect("set port");
+    parsed.to_string()
+}
+
+/// The port of `url`.
+pub fn port_of(url: &str) -> u16 {
+    url::Url::parse(url)
+        .expect("database URL")
+        .port()
+        .unwrap_or(5432)
+}
+
+/// The value a writer stores for counter `n`, and the check that a stored
+/// value is one of those, whole.
+pub fn counter_value(n: u64) -> serde_json::Value {
+    serde_json::json!({"n": n, "check": format!("{:016x}", n.wrapping_mul(0x9E37_79B9_7F4A_7C15))})
+}
+
+pub fn counter_of(value: &serde_json::Value) -> Option<u64> {
+    let n = value["n"].as_u64()?;
+    (counter_value(n) == *value).then_some(n)
+}

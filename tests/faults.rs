@@ -1,0 +1,706 @@
+//! The fault suite: what survives when things break, against a real
+//! PostgreSQL. Every scenario reports (on stderr, uncaptured) what it tried,
+//! how many faults it injected and how many acknowledged writes were lost,
+//! and asserts that number is zero. Random choices come from a seed that is
+//! reported and can be replayed with `FAUCET_FAULT_SEED`.
+//!
+//! ```text
+//! cargo test --test faults
+//! ```
+
+mod fault_support;
+mod support;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use faucet_core::state::{MemoryStateStore, StateStore};
+use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, PostgresStateStore};
+use fault_support::{CHILD_ROLE, CuttingProxy, Rng, counter_of, counter_value, report, seed};
+use serde_json::{Value, json};
+use sqlx::postgres::PgPoolOptions;
+
+/// The test through which child processes of this binary run.
+const CHILD_ENTRY: &str = "child_process_entry";
+const MODES: [Durability; 3] = [
+    Durability::WriteThrough,
+    Durability::GroupCommit,
+    Durability::WriteBehind,
+];
+
+fn mode_name(mode: Durability) -> &'static str {
+    match mode {
+        Durability::WriteThrough => "write_through",
+        Durability::GroupCommit => "group_commit",
+        Durability::WriteBehind => "write_behind",
+    }
+}
+
+fn mode_named(name: &str) -> Durability {
+    MODES
+        .into_iter()
+        .find(|m| mode_name(*m) == name)
+        .expect("known mode")
+}
+
+/// A pool that gives up on an unreachable server after a second, so that
+/// outages make batches fail quickly instead of after ten seconds.
+async fn quick_pool(url: &str) -> sqlx::PgPool {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .test_before_acquire(false)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(url)
+        .await
+        .expect("connect")
+}
+
+async fn plain_table(url: &str, table: &str) -> PostgresStateStore {
+    let store = PostgresStateStore::from_pool(quick_pool(url).await, table).unwrap();
+    store.ensure_table().await.unwrap();
+    store
+}
+
+fn options(mode: Durability) -> CacheOptions {
+    CacheOptions::new()
+        .durability(mode)
+        .flush_interval(Duration::from_millis(20))
+        .max_batch(4)
+        .retry_backoff_max(Duration::from_millis(100))
+}
+
+/// Flushes until it succeeds (the store recovers by itself), or gives up.
+async fn flush_until_ok(store: &CachedStateStore) {
+    for _ in 0..100 {
+        if store.flush().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the store did not recover: {:?}", store.stats());
+}
+
+/// Counts keys whose stored row differs from the value last written.
+async fn lost_writes(plain: &PostgresStateStore, last: &HashMap<String, Option<Value>>) -> usize {
+    let keys: Vec<&String> = last.keys().collect();
+    let stored = plain.get_many(&keys).await.unwrap();
+    keys.iter()
+        .zip(stored)
+        .filter(|(key, row)| last[**key] != *row)
+        .count()
+}
+
+/// A writer under faults: remembers the last acknowledged value of each key,
+/// and which keys' rows are uncertain because their latest write failed
+/// without being queued (a write-through commit whose outcome was not seen).
+#[derive(Default)]
+struct Writer {
+    acknowledged: HashMap<String, Option<Value>>,
+    uncertain: std::collections::HashSet<String>,
+    writes: usize,
+    errors: usize,
+}
+
+impl Writer {
+    async fn put(&mut self, store: &CachedStateStore, key: String, value: Value) {
+        self.writes += 1;
+        match store.put(&key, &value).await {
+            Ok(()) => {
+                self.uncertain.remove(&key);
+                self.acknowledged.insert(key, Some(value));
+            }
+            // Group commit: staged, its batch failed; it stays queued and is
+            // retried, so it counts as written.
+            Err(e) if e.to_string().contains("stays queued") => {
+                self.errors += 1;
+                self.uncertain.remove(&key);
+                self.acknowledged.insert(key, Some(value));
+            }
+            Err(_) => {
+                self.errors += 1;
+                self.uncertain.insert(key);
+            }
+        }
+    }
+
+    /// Repeats the last acknowledged write of each uncertain key (only
+    /// those: repeating the others could hide a lost write), waits for the
+    /// store to persist everything, and counts the keys whose row differs
+    /// from their last acknowledged value.
+    async fn settle_and_count_lost(
+        &self,
+        store: &CachedStateStore,
+        direct: &PostgresStateStore,
+    ) -> usize {
+        for key in &self.uncertain {
+            match self.acknowledged.get(key) {
+                Some(Some(value)) => store.put(key, value).await.unwrap(),
+                _ => store.delete(key).await.unwrap(),
+            }
+        }
+        flush_until_ok(store).await;
+        let mut expected = self.acknowledged.clone();
+        for key in &self.uncertain {
+            expected.entry(key.clone()).or_insert(None);
+        }
+        lost_writes(direct, &expected).await
+    }
+}
+
+// ── Process crash ─────────────────────────────────────────────────────────
+
+/// A child writing increasing counters is killed with SIGKILL at random
+/// moments; every row must hold a whole written value, at least the last one
+/// acknowledged (by `put` in write-through and group commit, by a completed
+/// `flush()` in write-behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_loses_no_acknowledged_write() {
+    let url = support::database_url();
+    let mut rng = Rng::new(seed("process-crash"));
+    for mode in MODES {
+        let (mut kills, mut acks, mut lost) = (0, 0, 0);
+        for _ in 0..7 {
+            let table = support::unique_table("crash");
+            let plain = plain_table(&url, &table).await;
+            let mut child = fault_support::child(CHILD_ENTRY, "crash_writer")
+                .env("DATABASE_URL", &url)
+                .env("FAULT_TABLE", &table)
+                .env("FAULT_MODE", mode_name(mode))
+                .spawn()
+                .expect("spawn the writer");
+            let stdout = child.stdout.take().expect("child stdout");
+            let started = Arc::new(AtomicBool::new(false));
+            let reader = std::thread::spawn({
+                let started = started.clone();
+                move || {
+                    let mut acked: HashMap<String, u64> = HashMap::new();
+                    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                        let parts: Vec<&str> = line.split(' ').collect();
+                        if let ["ACK", key, n] = parts[..]
+                            && let Ok(n) = n.parse::<u64>()
+                        {
+                            started.store(true, Ordering::SeqCst);
+                            let best = acked.entry(key.to_owned()).or_default();
+                            *best = (*best).max(n);
+                        }
+                    }
+                    acked
+                }
+            });
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !started.load(Ordering::SeqCst) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(
+                started.load(Ordering::SeqCst),
+                "the writer never acknowledged a write"
+            );
+            tokio::time::sleep(rng.millis(20, 300)).await;
+            child.kill().expect("SIGKILL the writer");
+            child.wait().expect("reap the writer");
+            kills += 1;
+            let acked = reader.join().expect("reader thread");
+            acks += acked.len();
+            let keys: Vec<String> = (0..8).map(|k| format!("k{k}")).collect();
+            let rows = plain.get_many(&keys).await.unwrap();
+            for (key, row) in keys.iter().zip(rows) {
+                let stored = row.map(|v| counter_of(&v).expect("a whole, written value"));
+                if let Some(&acknowledged) = acked.get(key)
+                    && stored.is_none_or(|n| n < acknowledged)
+                {
+                    lost += 1;
+                }
+            }
+        }
+        report(&format!(
+            "process-crash[{}]: {kills} SIGKILLs, {acks} keys with acknowledged writes checked, {lost} acknowledged writes lost",
+            mode_name(mode)
+        ));
+        assert_eq!(lost, 0, "{mode:?}");
+    }
+}
+
+/// Child role: write counters to k0..k7 until killed (or 30 s pass),
+/// printing `ACK key n` for every acknowledged write.
+async fn crash_writer() {
+    let url = std::env::var("DATABASE_URL").unwrap();
+    let table = std::env::var("FAULT_TABLE").unwrap();
+    let mode = mode_named(&std::env::var("FAULT_MODE").unwrap());
+    let store = plain_table(&url, &table)
+        .await
+        .cached(options(mode))
+        .unwrap();
+    let keys: Vec<String> = (0..8).map(|k| format!("k{k}")).collect();
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        for key in &keys {
+            store.put(key, &counter_value(n)).await.unwrap();
+            if mode != Durability::WriteBehind {
+                println!("ACK {key} {n}");
+            }
+        }
+        if mode == Durability::WriteBehind && n.is_multiple_of(5) {
+            store.flush().await.unwrap();
+            for key in &keys {
+                println!("ACK {key} {n}");
+            }
+        }
+    }
+}
+
+// ── Server crash ──────────────────────────────────────────────────────────
+
+/// `pg_ctl stop -m immediate` in the middle of a write load, then a restart:
+/// the same store keeps running, reconnects by itself, and ends with the
+/// table equal to what was last written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_crash_and_restart_loses_nothing() {
+    let server = Arc::new(support::PgServer::start());
+    let mut rng = Rng::new(seed("server-crash"));
+    for mode in MODES {
+        let table = support::unique_table("server_crash");
+        let plain = plain_table(&server.url(), &table).await;
+        let store = Arc::new(plain.clone().cached(options(mode)).unwrap());
+        let crash_after = rng.millis(50, 250);
+        let crasher = tokio::spawn({
+            let server = server.clone();
+            async move {
+                tokio::time::sleep(crash_after).await;
+                tokio::task::spawn_blocking(move || {
+                    server.stop_immediate();
+                    // Longer than the pool's acquire timeout, so that
+                    // batches fail rather than wait the outage out.
+                    std::thread::sleep(Duration::from_millis(1500));
+                    server.restart();
+                })
+                .await
+                .unwrap();
+            }
+        });
+        let mut writer = Writer::default();
+        let started = Instant::now();
+        let mut i = 0u64;
+        while !crasher.is_finished() || started.elapsed() < Duration::from_millis(800) {
+            i += 1;
+            writer
+                .put(&store, format!("k{}", i % 8), counter_value(i))
+                .await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        crasher.await.unwrap();
+        let lost = writer.settle_and_count_lost(&store, &plain).await;
+        report(&format!(
+            "server-crash[{}]: {} writes, 1 immediate stop + restart, {} writes and {} batches saw the outage, {lost} acknowledged writes lost",
+            mode_name(mode),
+            writer.writes,
+            writer.errors,
+            store.stats().flush_errors
+        ));
+        assert_eq!(lost, 0, "{mode:?}");
+        store.shutdown().await.unwrap();
+    }
+}
+
+// ── Connection cuts ───────────────────────────────────────────────────────
+
+/// A proxy between store and server resets every connection at random
+/// moments, in the middle of batches and commits too. Batches cut before
+/// their commit are retried; the table ends equal to what was last written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cuts_lose_nothing() {
+    let url = support::database_url();
+    let proxy = Arc::new(CuttingProxy::start(fault_support::port_of(&url)).await);
+    let proxied_url = fault_support::with_port(&url, proxy.port());
+    let mut rng = Rng::new(seed("connection-cuts"));
+    for mode in MODES {
+        let table = support::unique_table("cuts");
+        let direct = plain_table(&url, &table).await;
+        let through_proxy = plain_table(&proxied_url, &table).await;
+        let store = through_proxy.cached(options(mode)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let cuts_before = proxy.cuts();
+        let cutter = tokio::spawn({
+            let (proxy, stop) = (proxy.clone(), stop.clone());
+            let mut rng = Rng::new(rng.next_u64());
+            async move {
+                while !stop.load(Ordering::SeqCst) {
+                    tokio::time::sleep(rng.millis(10, 80)).await;
+                    proxy.cut_all();
+                }
+            }
+        });
+        let mut writer = Writer::default();
+        // At least 400 writes and 20 resets, whichever takes longer, so
+        // that even buffered writes see batches cut mid-flight.
+        let mut i = 0u64;
+        while i < 400 || (proxy.cuts() - cuts_before < 20 && i < 20_000) {
+            i += 1;
+            let key = format!("k{}", rng.below(16));
+            writer.put(&store, key, counter_value(i)).await;
+            if i.is_multiple_of(50) && store.flush().await.is_err() {
+                writer.errors += 1;
+            }
+            if i.is_multiple_of(4) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        stop.store(true, Ordering::SeqCst);
+        cutter.await.unwrap();
+        let lost = writer.settle_and_count_lost(&store, &direct).await;
+        report(&format!(
+            "connection-cuts[{}]: {} writes, {} connection resets, {} errors seen and retried, {lost} acknowledged writes lost",
+            mode_name(mode),
+            writer.writes,
+            proxy.cuts() - cuts_before,
+            writer.errors
+        ));
+        assert_eq!(lost, 0, "{mode:?}");
+        store.shutdown().await.unwrap();
+    }
+}
+
+// ── Full buffer ───────────────────────────────────────────────────────────
+
+/// With the server down, write-behind puts are accepted up to `max_pending`,
+/// then wait and fail after `put_timeout`; none accepted is lost once the
+/// server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_refuses_clearly_and_loses_nothing_accepted() {
+    let server = support::PgServer::start();
+    let table = support::unique_table("full_buffer");
+    let plain = plain_table(&server.url(), &table).await;
+    let store = plain
+        .clone()
+        .cached(
+            options(Durability::WriteBehind)
+                .max_pending(50)
+                .put_timeout(Duration::from_millis(200)),
+        )
+        .unwrap();
+    server.stop_immediate();
+    let mut last: HashMap<String, Option<Value>> = HashMap::new();
+    let (mut accepted, mut refused) = (0, 0);
+    for i in 0..80u64 {
+        let key = format!("k{i}");
+        match store.put(&key, &counter_value(i)).await {
+            Ok(()) => {
+                accepted += 1;
+                last.insert(key, Some(counter_value(i)));
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("max_pending"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((accepted, refused), (50, 30));
+    server.restart();
+    flush_until_ok(&store).await;
+    store.shutdown().await.unwrap();
+    let lost = lost_writes(&plain, &last).await;
+    report(&format!(
+        "full-buffer: 80 writes during an outage, {accepted} accepted, {refused} refused with an error, {lost} accepted writes lost"
+    ));
+    assert_eq!(lost, 0);
+}
+
+// ── Concurrency against a model ───────────────────────────────────────────
+
+/// Many tasks doing random put/delete/get/flush on a small key space, each
+/// step checked against faucet-core's `MemoryStateStore`; after shutdown the
+/// table equals the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_operations_match_the_memory_model() {
+    let url = support::database_url();
+    let seed = seed("model");
+    for mode in MODES {
+        let table = support::unique_table("model");
+        let plain = plain_table(&url, &table).await;
+        let store = Arc::new(plain.clone().cached(options(mode)).unwrap());
+        let model = Arc::new(MemoryStateStore::new());
+        // One lock per key makes "the model's value" well defined under
+        // concurrency: a key's operations reach store and model in one order.
+        let locks: Arc<Vec<tokio::sync::Mutex<()>>> =
+            Arc::new((0..6).map(|_| tokio::sync::Mutex::new(())).collect());
+        let tasks: Vec<_> = (0..8u64)
+            .map(|task| {
+                let (store, model, locks) = (store.clone(), model.clone(), locks.clone());
+                let mut rng = Rng::new(seed ^ (task + 1).wrapping_mul(0x1234_5678_9ABC));
+                tokio::spawn(async move {
+                    for step in 0..120u64 {
+                        let k = rng.below(6) as usize;
+                        let key = format!("key-{k}");
+                        let _key_lock = locks[k].lock().await;
+                        match rng.below(10) {
+                            0..=4 => {
+                                let value = json!({"task": task, "step": step});
+                                store.put(&key, &value).await.unwrap();
+                                model.put(&key, &value).await.unwrap();
+                            }
+                            5 => {
+                                store.delete(&key).await.unwrap();
+                                model.delete(&key).await.unwrap();
+                            }
+                            6..=8 => assert_eq!(
+                                store.get(&key).await.unwrap(),
+                                model.get(&key).await.unwrap(),
+                                "task {task} step {step}: read of {key} differs from the model"
+                            ),
+                            _ => store.flush().await.unwrap(),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        store.shutdown().await.unwrap();
+        let mut last = HashMap::new();
+        for k in 0..6 {
+            let key = format!("key-{k}");
+            last.insert(key.clone(), model.get(&key).await.unwrap());
+        }
+        let lost = lost_writes(&plain, &last).await;
+        report(&format!(
+            "model[{}]: 8 tasks x 120 random operations on 6 keys, {lost} keys differing from the model",
+            mode_name(mode)
+        ));
+        assert_eq!(lost, 0, "{mode:?}");
+    }
+}
+
+// ── Two stores, one table ─────────────────────────────────────────────────
+
+/// Two processes, each with its own cached store on the same table, write
+/// disjoint and shared keys: no errors, no lost disjoint key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_one_table() {
+    let url = support::database_url();
+    let table = support::unique_table("shared");
+    let plain = plain_table(&url, &table).await;
+    let children: Vec<_> = (0..2)
+        .map(|id| {
+            fault_support::child(CHILD_ENTRY, "table_sharer")
+                .env("DATABASE_URL", &url)
+                .env("FAULT_TABLE", &table)
+                .env("FAULT_ID", id.to_string())
+                .spawn()
+                .expect("spawn a sharer")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("sharer output");
+        assert!(out.status.success(), "a sharer failed: {out:?}");
+    }
+    let mut last = HashMap::new();
+    for id in 0..2 {
+        for k in 0..10 {
+            last.insert(format!("p{id}-k{k}"), Some(counter_value(SHARER_ROUNDS)));
+        }
+    }
+    for k in 0..5 {
+        last.insert(format!("shared-{k}"), Some(counter_value(SHARER_ROUNDS)));
+    }
+    let lost = lost_writes(&plain, &last).await;
+    report(&format!(
+        "two-processes: 2 stores x {SHARER_ROUNDS} rounds over 10 own + 5 shared keys, {lost} keys lost or stale"
+    ));
+    assert_eq!(lost, 0);
+}
+
+const SHARER_ROUNDS: u64 = 200;
+
+/// Child role: write own and shared keys through a write-behind store, then
+/// shut down cleanly.
+async fn table_sharer() {
+    let url = std::env::var("DATABASE_URL").unwrap();
+    let table = std::env::var("FAULT_TABLE").unwrap();
+    let id = std::env::var("FAULT_ID").unwrap();
+    let store = plain_table(&url, &table)
+        .await
+        .cached(options(Durability::WriteBehind))
+        .unwrap();
+    for n in 1..=SHARER_ROUNDS {
+        for k in 0..10 {
+            store
+                .put(&format!("p{id}-k{k}"), &counter_value(n))
+                .await
+                .unwrap();
+        }
+        for k in 0..5 {
+            store
+                .put(&format!("shared-{k}"), &counter_value(n))
+                .await
+                .unwrap();
+        }
+        if n % 20 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    store.shutdown().await.unwrap();
+}
+
+// ── Child processes ───────────────────────────────────────────────────────
+
+/// Entry point of the child processes above; does nothing in a normal run.
+#[test]
+fn child_process_entry() {
+    let Ok(role) = std::env::var(CHILD_ROLE) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    match role.as_str() {
+        "crash_writer" => rt.block_on(crash_writer()),
+        "table_sharer" => rt.block_on(table_sharer()),
+        other => panic!("unknown child role {other}"),
+    }
+}
+
+// ── Bad input ─────────────────────────────────────────────────────────────
+
+/// Every kind of bad input gets a clear error, and the store keeps serving
+/// other keys: invalid keys and table names, U+0000, 100,000 levels of
+/// nesting, oversize values, a read-only server, a foreign table layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_the_store_keeps_serving() {
+    let url = support::database_url();
+    let plain = plain_table(&url, &support::unique_table("bad_input"))
+        .await
+        .with_max_value_bytes(4096);
+    let store = Arc::new(plain.clone().cached(CacheOptions::new()).unwrap());
+    let mut refused = 0;
+
+    let long_key = "k".repeat(257);
+    for key in [
+        "", ".hidden", "..", "a/b", "a b", "a%b", "é", "a\0b", &long_key,
+    ] {
+        assert!(store.put(key, &json!(1)).await.is_err(), "put {key:?}");
+        assert!(store.get(key).await.is_err(), "get {key:?}");
+        assert!(store.delete(key).await.is_err(), "delete {key:?}");
+        refused += 3;
+        store.put("good", &json!(key.len())).await.unwrap();
+        assert_eq!(store.get("good").await.unwrap(), Some(json!(key.len())));
+    }
+    for table in ["", "a-b", "x\"; drop table y; --", &"t".repeat(64)] {
+        let err = PostgresStateStore::from_pool(plain.pool().clone(), table).unwrap_err();
+        assert!(err.to_string().contains("invalid table name"), "{err}");
+        refused += 1;
+    }
+
+    let nul = json!({"text": "a\u{0}b", "key\u{0}": ["\u{0}"]});
+    store.put("nul", &nul).await.unwrap();
+    assert_eq!(plain.get("nul").await.unwrap(), Some(nul));
+
+    // 100,000 levels: refused by a walk that does not recurse. Building and
+    // dropping such a value (serde_json drops recursively) needs a big stack,
+    // so that part runs on a thread of its own.
+    let deep_errors = std::thread::Builder::new()
+        .stack_size(256 << 20)
+        .spawn({
+            let (store, plain) = (store.clone(), plain.clone());
+            move || {
+                let deep = (0..100_000).fold(json!(0), |inner, _| Value::Array(vec![inner]));
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                let errors = rt.block_on(async {
+                    [
+                        store.put("deep", &deep).await.unwrap_err().to_string(),
+                        plain.put("deep", &deep).await.unwrap_err().to_string(),
+                    ]
+                });
+                drop(deep);
+                errors
+            }
+        })
+        .unwrap()
+        .join()
+        .expect("no stack overflow");
+    for err in deep_errors {
+        assert!(err.contains("nests 100000 levels"), "{err}");
+        refused += 1;
+    }
+
+    let err = store
+        .put("big", &json!("x".repeat(5000)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("'big'") && err.contains("5002 bytes") && err.contains("4096"),
+        "{err}"
+    );
+    refused += 1;
+
+    // A read-only server (here: a role whose transactions are read-only).
+    let role = support::unique_table("readonly");
+    for statement in [
+        format!("CREATE ROLE \"{role}\" LOGIN PASSWORD 'ro-pw'"),
+        format!("ALTER ROLE \"{role}\" SET default_transaction_read_only = on"),
+        format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON \"{}\" TO \"{role}\"",
+            plain.table()
+        ),
+    ] {
+        sqlx::query(&statement).execute(plain.pool()).await.unwrap();
+    }
+    let mut ro_url = url::Url::parse(&url).unwrap();
+    ro_url.set_username(&role).unwrap();
+    ro_url.set_password(Some("ro-pw")).unwrap();
+    let read_only =
+        PostgresStateStore::from_pool(quick_pool(ro_url.as_str()).await, plain.table()).unwrap();
+    let err = read_only.put("k", &json!(1)).await.unwrap_err().to_string();
+    assert!(
+        err.contains("read-only") && err.contains("writable primary"),
+        "{err}"
+    );
+    assert_eq!(
+        read_only.get("good").await.unwrap(),
+        Some(json!(long_key.len())),
+        "reads still work"
+    );
+    let ro_cached = read_only.cached(options(Durability::WriteBehind)).unwrap();
+    ro_cached.put("k", &json!(1)).await.unwrap();
+    let err = ro_cached.flush().await.unwrap_err().to_string();
+    assert!(err.contains("read-only"), "{err}");
+    refused += 2;
+    drop(ro_cached);
+
+    // A table of that name with another layout.
+    let foreign = support::unique_table("foreign");
+    sqlx::query(&format!(
+        "CREATE TABLE \"{foreign}\" (key TEXT PRIMARY KEY, value TEXT)"
+    ))
+    .execute(plain.pool())
+    .await
+    .unwrap();
+    let other = PostgresStateStore::from_pool(plain.pool().clone(), &foreign).unwrap();
+    let err = other.ensure_table().await.unwrap_err().to_string();
+    assert!(
+        err.contains("column value is text, expected jsonb"),
+        "{err}"
+    );
+    let err = other.put("k", &json!(1)).await.unwrap_err().to_string();
+    assert!(err.contains(&foreign), "{err}");
+    refused += 2;
+
+    store.put("good", &json!("still serving")).await.unwrap();
+    assert_eq!(
+        plain.get("good").await.unwrap(),
+        Some(json!("still serving"))
+    );
+    store.shutdown().await.unwrap();
+    report(&format!(
+        "bad-input: {refused} bad inputs refused with a clear error, the store kept serving; 0 acknowledged writes lost"
+    ));
+}
