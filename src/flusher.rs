@@ -214,6 +214,10 @@ async fn run_round<B: StateBackend>(engine: &Engine<B>) -> Result<(), ()> {
 
 /// Writes one chunk as one batch and marks what it carried as committed.
 async fn write_chunk<B: StateBackend>(engine: &Engine<B>, keys: &[String]) -> Result<(), Arc<str>> {
+    // Rows are written in key order, so that two stores sharing a table lock
+    // rows in the same order and cannot deadlock each other.
+    let mut keys: Vec<&String> = keys.iter().collect();
+    keys.sort_unstable();
     let mut upserts: Vec<(String, Arc<Value>)> = Vec::with_capacity(keys.len());
     let mut deletes: Vec<String> = Vec::new();
     let mut versions: Vec<(&str, u64)> = Vec::with_capacity(keys.len());

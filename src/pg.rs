@@ -201,6 +201,15 @@ impl PostgresStateStore {
                 }
             }
         }
+        // Key order, so that concurrent batches lock rows in the same order
+        // and cannot deadlock each other.
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_unstable_by_key(|&i| keys[i]);
+        let keys: Vec<&str> = order.iter().map(|&i| keys[i]).collect();
+        let texts: Vec<String> = order
+            .into_iter()
+            .map(|i| std::mem::take(&mut texts[i]))
+            .collect();
         Ok(self.apply(&keys, &texts, &[]).await?)
     }
 
