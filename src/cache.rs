@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use serde_json::Value;
@@ -46,11 +48,26 @@ enum SlotState {
     Dirty { version: u64 },
 }
 
-/// Keys waiting for the flusher, and the number of rounds that took them.
+/// Keys waiting for the flusher, the number of rounds that took them, and
+/// how long the oldest waiting write has waited (approximately: a key queued
+/// again after its batch keeps the time of that batch).
 #[derive(Debug, Default)]
 struct DirtyQueue {
     keys: Vec<String>,
     rounds_started: u64,
+    /// When the queue last went from empty to not empty.
+    waiting_since: Option<Instant>,
+    /// `waiting_since` of the queue the running round took.
+    in_flight_since: Option<Instant>,
+}
+
+impl DirtyQueue {
+    fn push(&mut self, key: String) {
+        if self.keys.is_empty() && self.waiting_since.is_none() {
+            self.waiting_since = Some(Instant::now());
+        }
+        self.keys.push(key);
+    }
 }
 
 /// What a lookup found.
@@ -122,10 +139,10 @@ impl Cache {
 
     pub(crate) fn lookup(&self, key: &str, counters: &Counters) -> Lookup {
         if let Some(slot) = self.slots.get(key) {
-            Counters::bump(&counters.hits);
+            counters.hit();
             return Lookup::Hit(slot.value.clone());
         }
-        Counters::bump(&counters.misses);
+        counters.miss();
         let stripe = self.stripe_of(key);
         Lookup::Miss(FillTicket {
             stripe,
@@ -218,7 +235,7 @@ impl Cache {
             // The permit now belongs to this dirty key; `committed` returns it.
             permit.forget();
             self.dirty_count.fetch_add(1, Ordering::SeqCst);
-            lock(&self.queue).keys.push(key.to_owned());
+            lock(&self.queue).push(key.to_owned());
         }
         Ok(!newly_dirty)
     }
@@ -228,7 +245,22 @@ impl Cache {
     pub(crate) fn take_round(&self) -> (u64, Vec<String>) {
         let mut queue = lock(&self.queue);
         queue.rounds_started += 1;
+        queue.in_flight_since = queue.waiting_since.take();
         (queue.rounds_started, std::mem::take(&mut queue.keys))
+    }
+
+    /// The running round ended; what it did not commit is queued again.
+    pub(crate) fn round_ended(&self) {
+        lock(&self.queue).in_flight_since = None;
+    }
+
+    /// Since when the oldest write not yet persisted has waited, if any.
+    pub(crate) fn oldest_pending(&self) -> Option<Instant> {
+        let queue = lock(&self.queue);
+        match (queue.waiting_since, queue.in_flight_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The newest write of a queued key.
@@ -255,7 +287,7 @@ impl Cache {
             _ => false,
         };
         if !cleaned {
-            lock(&self.queue).keys.push(key.to_owned());
+            lock(&self.queue).push(key.to_owned());
             return;
         }
         self.dirty_count.fetch_sub(1, Ordering::SeqCst);
@@ -266,7 +298,12 @@ impl Cache {
 
     /// Puts keys whose batch failed back on the queue; they are still dirty.
     pub(crate) fn requeue(&self, keys: impl IntoIterator<Item = String>) {
-        lock(&self.queue).keys.extend(keys);
+        let mut queue = lock(&self.queue);
+        queue.waiting_since = match (queue.waiting_since, queue.in_flight_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        queue.keys.extend(keys);
     }
 
     /// Write-through: the backend committed `value` for `key`.
@@ -328,7 +365,7 @@ impl Cache {
                 .remove_if(&key, |_, slot| slot.state == SlotState::Clean { stamp });
             if evicted.is_some() {
                 self.clean_count.fetch_sub(1, Ordering::SeqCst);
-                Counters::bump(&counters.evictions);
+                counters.eviction();
             }
         }
     }

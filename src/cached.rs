@@ -18,7 +18,7 @@ use crate::backend::StateBackend;
 use crate::cache::{Lookup, STRIPES};
 use crate::config::{CacheOptions, Durability};
 use crate::flusher::{self, Engine, RoundOutcome};
-use crate::stats::{CacheStats, Counters};
+use crate::stats::CacheStats;
 
 /// A [`StateStore`] that answers from memory and persists in batches.
 ///
@@ -197,15 +197,10 @@ impl<B: StateBackend> CachedStateStore<B> {
             None => validate_state_key(key)?,
         }
         let counters = &self.engine.counters;
-        let accepted = if value.is_some() {
-            &counters.puts
-        } else {
-            &counters.deletes
-        };
         let durability = self.engine.options.get_durability();
         if durability == Durability::WriteThrough {
             self.write_through(key, value).await?;
-            Counters::bump(accepted);
+            counters.write_accepted(value.is_some());
             return Ok(());
         }
         let coalesced = self
@@ -214,9 +209,11 @@ impl<B: StateBackend> CachedStateStore<B> {
             .stage(key, value.cloned(), self.engine.options.get_put_timeout())
             .await
             .map_err(|_| self.full_error(key))?;
-        Counters::bump(accepted);
+        counters.write_accepted(value.is_some());
         if coalesced {
-            Counters::bump(&counters.coalesced);
+            counters.coalesced();
+        } else {
+            counters.dirty_keys(self.engine.cache.dirty_len());
         }
         drop(writer);
         if durability == Durability::WriteBehind {
@@ -238,6 +235,7 @@ impl<B: StateBackend> CachedStateStore<B> {
         let stripe = self.engine.cache.stripe_of(key);
         let _in_order = self.write_through_locks[stripe].lock().await;
         let value = value.map(|v| Arc::new(v.clone()));
+        let started = std::time::Instant::now();
         let result = match &value {
             Some(value) => {
                 self.engine
@@ -255,7 +253,7 @@ impl<B: StateBackend> CachedStateStore<B> {
         match result {
             Ok(()) => {
                 let counters = &self.engine.counters;
-                counters.record_batch(1);
+                counters.record_batch(1, started.elapsed());
                 self.engine.cache.store_clean(key, value, counters);
                 Ok(())
             }
@@ -279,14 +277,26 @@ impl<B: StateBackend> CachedStateStore<B> {
         ))
     }
 
+    /// The `flusher` probe: running, its last round committed, and the
+    /// oldest unpersisted write younger than `2 × flush_interval + 10 s`.
     fn flusher_probe(&self) -> Probe {
         let progress = self.engine.progress.borrow().clone();
         let dirty = self.engine.cache.dirty_len();
+        let age = self
+            .engine
+            .cache
+            .oldest_pending()
+            .map(|since| since.elapsed());
+        let backlog = match age {
+            Some(age) if dirty > 0 => format!("{dirty} keys waiting, the oldest for {age:.1?}"),
+            _ => format!("{dirty} keys waiting"),
+        };
+        let stall = self.engine.options.get_flush_interval() * 2 + Duration::from_secs(10);
         if progress.stopped || lock(&self.flusher).is_none() {
             Probe::fail_hint(
                 "flusher",
                 Duration::ZERO,
-                format!("the flusher is not running; {dirty} keys are dirty"),
+                format!("the flusher is not running; {backlog}"),
                 "the store was shut down or dropped; build a new store",
             )
         } else if progress.succeeded < progress.ended {
@@ -294,10 +304,17 @@ impl<B: StateBackend> CachedStateStore<B> {
                 "flusher",
                 Duration::ZERO,
                 format!(
-                    "the last flush failed: {}; {dirty} keys are waiting",
+                    "the last flush failed: {}; {backlog}",
                     progress.last_error.as_deref().unwrap_or("unknown error")
                 ),
                 "check the database; the flusher keeps retrying with backoff",
+            )
+        } else if age.is_some_and(|age| age > stall) {
+            Probe::fail_hint(
+                "flusher",
+                Duration::ZERO,
+                format!("the flusher is not keeping up: {backlog}"),
+                "check the database's latency and load, or raise max_batch",
             )
         } else {
             Probe::pass("flusher", Duration::ZERO)
@@ -308,12 +325,18 @@ impl<B: StateBackend> CachedStateStore<B> {
 impl PostgresStateStore {
     /// Puts a [`CachedStateStore`] in front of this store.
     ///
-    /// Equivalent to `CachedStateStore::new(Arc::new(self), options)`; must be
-    /// called inside a tokio runtime.
+    /// Equivalent to `CachedStateStore::new(Arc::new(self), options)`, with
+    /// the table name as the store's metrics name unless `options` names it;
+    /// must be called inside a tokio runtime.
     pub fn cached(
         self,
         options: CacheOptions,
     ) -> Result<CachedStateStore<PostgresStateStore>, FaucetError> {
+        let options = if options.has_name() {
+            options
+        } else {
+            options.name(self.table())
+        };
         CachedStateStore::new(Arc::new(self), options)
     }
 }

@@ -120,6 +120,7 @@ pub enum Durability {
 ///
 /// | option | default | meaning |
 /// |---|---|---|
+/// | [`name`](Self::name) | the table name, or `default` | the `store` label of metrics and spans |
 /// | [`durability`](Self::durability) | [`Durability::GroupCommit`] | when a write returns |
 /// | [`flush_interval`](Self::flush_interval) | 1 s | write-behind: longest time a write waits for the flusher |
 /// | [`max_batch`](Self::max_batch) | 1,000 | most keys per transaction; write-behind also flushes as soon as this many are dirty |
@@ -141,6 +142,7 @@ pub enum Durability {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheOptions {
+    name: Option<String>,
     durability: Durability,
     flush_interval: Duration,
     max_batch: usize,
@@ -154,6 +156,7 @@ pub struct CacheOptions {
 impl Default for CacheOptions {
     fn default() -> Self {
         Self {
+            name: None,
             durability: Durability::default(),
             flush_interval: Duration::from_secs(1),
             max_batch: 1_000,
@@ -219,6 +222,23 @@ impl CacheOptions {
     /// The defaults (see the table above).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Names the store in its metrics (label `store`) and tracing spans.
+    /// [`PostgresStateStore::cached`](crate::PostgresStateStore::cached)
+    /// uses the table name when none is set; otherwise it is `default`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The configured name, or `default`.
+    pub fn get_name(&self) -> &str {
+        self.name.as_deref().unwrap_or("default")
+    }
+
+    pub(crate) fn has_name(&self) -> bool {
+        self.name.is_some()
     }
 
     /// Checks the options; the error names the option and the rule.

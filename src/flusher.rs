@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
+use tracing::Instrument;
 
 use crate::backend::StateBackend;
 use crate::cache::Cache;
@@ -66,8 +67,9 @@ impl<B: StateBackend> Engine<B> {
         Self {
             backend,
             cache: Cache::new(options.get_max_pending(), options.get_cache_capacity()),
+            counters: Counters::new(options.get_name()),
             options,
-            counters: Counters::default(),
+
             wake: Notify::new(),
             progress: watch::channel(Progress::default()).0,
             requested: AtomicU64::new(0),
@@ -193,7 +195,6 @@ async fn run_round<B: StateBackend>(engine: &Engine<B>) -> Result<(), ()> {
                 keys = retried,
                 "faucet-state-postgres: flushing a batch failed; the keys stay dirty and will be retried"
             );
-            engine.counters.record_failure(error.to_string());
             engine
                 .cache
                 .requeue(chunk.iter().chain(chunks.flatten()).cloned());
@@ -201,6 +202,8 @@ async fn run_round<B: StateBackend>(engine: &Engine<B>) -> Result<(), ()> {
             break;
         }
     }
+    engine.cache.round_ended();
+    engine.counters.dirty_keys(engine.cache.dirty_len());
     let ok = outcome.is_ok();
     engine.progress.send_modify(|p| {
         p.ended = round;
@@ -235,19 +238,30 @@ async fn write_chunk<B: StateBackend>(engine: &Engine<B>, keys: &[String]) -> Re
     if versions.is_empty() {
         return Ok(());
     }
-    let started = Instant::now();
-    engine
-        .backend
-        .write_batch(&upserts, &deletes)
-        .await
-        .map_err(|e| Arc::from(e.to_string()))?;
-    tracing::debug!(
+    let span = tracing::info_span!(
+        "faucet_state.flush",
+        store = engine.options.get_name(),
         upserts = upserts.len(),
         deletes = deletes.len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "faucet-state-postgres: batch committed"
+        elapsed_ms = tracing::field::Empty,
+        outcome = tracing::field::Empty,
     );
-    engine.counters.record_batch(versions.len());
+    let started = Instant::now();
+    let written = engine
+        .backend
+        .write_batch(&upserts, &deletes)
+        .instrument(span.clone())
+        .await;
+    let elapsed = started.elapsed();
+    span.record("elapsed_ms", elapsed.as_millis() as u64);
+    if let Err(error) = written {
+        span.record("outcome", "failed");
+        let message = error.to_string();
+        engine.counters.record_failure(message.clone(), elapsed);
+        return Err(Arc::from(message));
+    }
+    span.record("outcome", "committed");
+    engine.counters.record_batch(versions.len(), elapsed);
     for (key, version) in versions {
         engine.cache.committed(key, version, &engine.counters);
     }

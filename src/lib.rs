@@ -183,4 +183,4 @@ pub use config::{
 pub use connect::redact_url;
 pub use memory::{MemoryBackend, WritePause};
 pub use pg::PostgresStateStore;
-pub use stats::CacheStats;
+pub use stats::{CacheStats, metric_names};

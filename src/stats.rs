@@ -2,6 +2,9 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
 /// A snapshot of a [`CachedStateStore`](crate::CachedStateStore)'s state and
 /// counters, from [`stats()`](crate::CachedStateStore::stats). Counters are
@@ -36,33 +39,150 @@ pub struct CacheStats {
     pub evictions: u64,
 }
 
-/// The engine's live counters; [`CacheStats`] is read from these.
-#[derive(Debug, Default)]
+/// Names of the metrics the cached store reports through the
+/// [`metrics`](https://docs.rs/metrics/0.24) facade, each labelled
+/// `store = <name>` (see [`CacheOptions::name`](crate::CacheOptions::name)).
+///
+/// Install your recorder (for example a Prometheus exporter) before building
+/// the store: the store registers its handles once, when it is built.
+pub mod metric_names {
+    /// Counter: `put` calls accepted.
+    pub const PUTS: &str = "faucet_state_puts_total";
+    /// Counter: `delete` calls accepted.
+    pub const DELETES: &str = "faucet_state_deletes_total";
+    /// Counter: writes that replaced a not-yet-persisted write of their key.
+    pub const COALESCED: &str = "faucet_state_coalesced_puts_total";
+    /// Counter: batches committed.
+    pub const FLUSH_BATCHES: &str = "faucet_state_flush_batches_total";
+    /// Counter: rows upserted or deleted by committed batches.
+    pub const ROWS_FLUSHED: &str = "faucet_state_rows_flushed_total";
+    /// Counter: batches that failed (and were retried).
+    pub const FLUSH_ERRORS: &str = "faucet_state_flush_errors_total";
+    /// Histogram: seconds per batch write, failed ones included.
+    pub const FLUSH_SECONDS: &str = "faucet_state_flush_seconds";
+    /// Gauge: keys whose newest write is not yet persisted.
+    pub const DIRTY_KEYS: &str = "faucet_state_dirty_keys";
+    /// Counter: `get` calls answered from the cache.
+    pub const CACHE_HITS: &str = "faucet_state_cache_hits_total";
+    /// Counter: `get` calls that read the backend.
+    pub const CACHE_MISSES: &str = "faucet_state_cache_misses_total";
+}
+
+/// The engine's counters: atomics for [`CacheStats`], and the same events
+/// reported to the `metrics` recorder that was installed when the store was
+/// built (handles are registered once, so the hot path does no lookup).
+#[derive(Debug)]
 pub(crate) struct Counters {
-    pub puts: AtomicU64,
-    pub deletes: AtomicU64,
-    pub coalesced: AtomicU64,
-    pub batches: AtomicU64,
-    pub rows: AtomicU64,
-    pub flush_errors: AtomicU64,
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub evictions: AtomicU64,
+    puts: AtomicU64,
+    deletes: AtomicU64,
+    coalesced: AtomicU64,
+    batches: AtomicU64,
+    rows: AtomicU64,
+    flush_errors: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
     last_error: Mutex<Option<String>>,
+    instruments: Instruments,
+}
+
+struct Instruments {
+    puts: Counter,
+    deletes: Counter,
+    coalesced: Counter,
+    batches: Counter,
+    rows: Counter,
+    flush_errors: Counter,
+    flush_seconds: Histogram,
+    dirty_keys: Gauge,
+    hits: Counter,
+    misses: Counter,
+}
+
+impl std::fmt::Debug for Instruments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Instruments")
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 impl Counters {
-    pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn new(store_name: &str) -> Self {
+        let labels = [("store", store_name.to_owned())];
+        Self {
+            puts: AtomicU64::default(),
+            deletes: AtomicU64::default(),
+            coalesced: AtomicU64::default(),
+            batches: AtomicU64::default(),
+            rows: AtomicU64::default(),
+            flush_errors: AtomicU64::default(),
+            hits: AtomicU64::default(),
+            misses: AtomicU64::default(),
+            evictions: AtomicU64::default(),
+            last_error: Mutex::default(),
+            instruments: Instruments {
+                puts: counter!(metric_names::PUTS, &labels),
+                deletes: counter!(metric_names::DELETES, &labels),
+                coalesced: counter!(metric_names::COALESCED, &labels),
+                batches: counter!(metric_names::FLUSH_BATCHES, &labels),
+                rows: counter!(metric_names::ROWS_FLUSHED, &labels),
+                flush_errors: counter!(metric_names::FLUSH_ERRORS, &labels),
+                flush_seconds: histogram!(metric_names::FLUSH_SECONDS, &labels),
+                dirty_keys: gauge!(metric_names::DIRTY_KEYS, &labels),
+                hits: counter!(metric_names::CACHE_HITS, &labels),
+                misses: counter!(metric_names::CACHE_MISSES, &labels),
+            },
+        }
     }
 
-    pub(crate) fn record_batch(&self, rows: usize) {
+    pub(crate) fn write_accepted(&self, is_put: bool) {
+        if is_put {
+            bump(&self.puts);
+            self.instruments.puts.increment(1);
+        } else {
+            bump(&self.deletes);
+            self.instruments.deletes.increment(1);
+        }
+    }
+
+    pub(crate) fn coalesced(&self) {
+        bump(&self.coalesced);
+        self.instruments.coalesced.increment(1);
+    }
+
+    pub(crate) fn hit(&self) {
+        bump(&self.hits);
+        self.instruments.hits.increment(1);
+    }
+
+    pub(crate) fn miss(&self) {
+        bump(&self.misses);
+        self.instruments.misses.increment(1);
+    }
+
+    pub(crate) fn eviction(&self) {
+        bump(&self.evictions);
+    }
+
+    pub(crate) fn dirty_keys(&self, dirty: usize) {
+        self.instruments.dirty_keys.set(dirty as f64);
+    }
+
+    pub(crate) fn record_batch(&self, rows: usize, elapsed: Duration) {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        self.instruments.batches.increment(1);
+        self.instruments.rows.increment(rows as u64);
+        self.instruments.flush_seconds.record(elapsed.as_secs_f64());
     }
 
-    pub(crate) fn record_failure(&self, error: String) {
+    pub(crate) fn record_failure(&self, error: String, elapsed: Duration) {
         self.flush_errors.fetch_add(1, Ordering::Relaxed);
+        self.instruments.flush_errors.increment(1);
+        self.instruments.flush_seconds.record(elapsed.as_secs_f64());
         *self
             .last_error
             .lock()

@@ -535,7 +535,7 @@ async fn check_reports_a_failing_flusher_and_a_stopped_one() {
     let report = store.check(&Default::default()).await.unwrap();
     let flusher = report.probes.iter().find(|p| p.name == "flusher").unwrap();
     assert!(
-        format!("{:?}", flusher.status).contains("1 keys are waiting"),
+        format!("{:?}", flusher.status).contains("1 keys waiting"),
         "{report:?}"
     );
     store.flush().await.unwrap();

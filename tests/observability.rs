@@ -1,0 +1,174 @@
+//! What an operator sees: metrics through a recorder, tracing spans of each
+//! flush, and the `flusher` probe of `check()`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use faucet_core::check::ProbeStatus;
+use faucet_core::state::StateStore;
+use faucet_state_postgres::metric_names as m;
+use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, MemoryBackend};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use serde_json::json;
+
+fn write_behind(name: &str) -> CacheOptions {
+    CacheOptions::new()
+        .name(name)
+        .durability(Durability::WriteBehind)
+        .flush_interval(Duration::from_secs(3600))
+}
+
+#[tokio::test]
+async fn metrics_count_what_the_store_did() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let backend = Arc::new(MemoryBackend::new());
+    // Handles are registered when the store is built, with the recorder
+    // in force at that moment.
+    let store = metrics::with_local_recorder(&recorder, || {
+        CachedStateStore::new(backend.clone(), write_behind("orders")).unwrap()
+    });
+    backend.insert_row("existing", json!(0));
+    for i in 0..3 {
+        store.put("cursor", &json!(i)).await.unwrap();
+    }
+    store.delete("old").await.unwrap();
+    store.get("cursor").await.unwrap(); // hit
+    store.get("existing").await.unwrap(); // miss
+    store.get("existing").await.unwrap(); // hit
+    store.flush().await.unwrap();
+    store.put("cursor", &json!(9)).await.unwrap();
+    backend.fail_next_writes(1);
+    assert!(store.flush().await.is_err());
+    store.flush().await.unwrap();
+
+    let mut seen: HashMap<String, DebugValue> = HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let labels: Vec<(String, String)> = key
+            .key()
+            .labels()
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        assert_eq!(labels, [("store".to_owned(), "orders".to_owned())]);
+        seen.insert(key.key().name().to_owned(), value);
+    }
+    let counter = |name: &str| match seen.get(name) {
+        Some(DebugValue::Counter(n)) => *n,
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(counter(m::PUTS), 4);
+    assert_eq!(counter(m::DELETES), 1);
+    assert_eq!(counter(m::COALESCED), 2);
+    assert_eq!(counter(m::FLUSH_BATCHES), 2);
+    assert_eq!(counter(m::ROWS_FLUSHED), 3);
+    assert_eq!(counter(m::FLUSH_ERRORS), 1);
+    assert_eq!(counter(m::CACHE_HITS), 2);
+    assert_eq!(counter(m::CACHE_MISSES), 1);
+    match &seen[m::FLUSH_SECONDS] {
+        DebugValue::Histogram(samples) => assert_eq!(samples.len(), 3, "two commits, one failure"),
+        other => panic!("{other:?}"),
+    }
+    match &seen[m::DIRTY_KEYS] {
+        DebugValue::Gauge(dirty) => assert_eq!(dirty.into_inner(), 0.0),
+        other => panic!("{other:?}"),
+    }
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn each_flush_is_a_span_with_its_size_latency_and_outcome() {
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let buffer = buffer.clone();
+            move || buffer.clone()
+        })
+        .with_ansi(false)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let backend = Arc::new(MemoryBackend::new());
+    let store = CachedStateStore::new(backend.clone(), write_behind("spans")).unwrap();
+    store.put("a", &json!(1)).await.unwrap();
+    store.delete("b").await.unwrap();
+    store.flush().await.unwrap();
+    store.put("a", &json!(2)).await.unwrap();
+    backend.fail_next_writes(1);
+    assert!(store.flush().await.is_err());
+    store.shutdown().await.unwrap();
+    let log = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let spans: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("faucet_state.flush"))
+        .collect();
+    assert!(
+        spans.iter().any(|l| l.contains("upserts=1")
+            && l.contains("deletes=1")
+            && l.contains("store=\"spans\"")
+            && l.contains("outcome=\"committed\"")
+            && l.contains("elapsed_ms=")),
+        "{log}"
+    );
+    assert!(
+        spans.iter().any(|l| l.contains("outcome=\"failed\"")),
+        "{log}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn check_reports_the_backlog_and_its_age_when_the_flusher_falls_behind() {
+    let backend = Arc::new(MemoryBackend::new());
+    let store = CachedStateStore::new(
+        backend.clone(),
+        write_behind("backlog").flush_interval(Duration::from_secs(1)),
+    )
+    .unwrap();
+    assert_eq!(
+        store
+            .check(&Default::default())
+            .await
+            .unwrap()
+            .failed_count(),
+        0
+    );
+    let pause = backend.pause_writes().await;
+    store.put("a", &json!(1)).await.unwrap();
+    store.put("b", &json!(1)).await.unwrap();
+    backend.wait_for_write_attempts(1).await; // the flusher is stuck in a batch
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let report = store.check(&Default::default()).await.unwrap();
+    let flusher = report.probes.iter().find(|p| p.name == "flusher").unwrap();
+    match &flusher.status {
+        ProbeStatus::Fail { reason } => assert!(
+            reason.contains("not keeping up")
+                && reason.contains("2 keys waiting")
+                && reason.contains("the oldest for 3"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(flusher.hint.as_deref().unwrap().contains("max_batch"));
+    drop(pause);
+    store.flush().await.unwrap();
+    assert_eq!(
+        store
+            .check(&Default::default())
+            .await
+            .unwrap()
+            .failed_count(),
+        0
+    );
+    store.shutdown().await.unwrap();
+}
