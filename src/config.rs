@@ -94,7 +94,11 @@ pub(crate) fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
 
 /// When a write of a [`CachedStateStore`](crate::CachedStateStore) returns,
 /// and so what a crash can cost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// In configuration files it is written `write_through`, `group_commit` or
+/// `write_behind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Durability {
     /// `put` and `delete` return after their own commit, exactly like
     /// [`PostgresStateStore`](crate::PostgresStateStore); reads are served by

@@ -171,6 +171,7 @@ mod memory;
 mod pg;
 mod probe;
 mod schema;
+mod settings;
 mod sql;
 mod stats;
 
@@ -183,4 +184,5 @@ pub use config::{
 pub use connect::redact_url;
 pub use memory::{MemoryBackend, WritePause};
 pub use pg::PostgresStateStore;
+pub use settings::PostgresStateConfig;
 pub use stats::{CacheStats, metric_names};
