@@ -111,6 +111,24 @@ impl<B: StateBackend> CachedStateStore<B> {
     ///
     /// `Ok` means each of them is committed. On `Err` nothing is dropped: the
     /// writes stay dirty and the flusher keeps retrying them.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::sync::Arc;
+    /// use faucet_core::state::StateStore;
+    /// use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, MemoryBackend};
+    ///
+    /// let backend = Arc::new(MemoryBackend::new());
+    /// let options = CacheOptions::new().durability(Durability::WriteBehind);
+    /// let store = CachedStateStore::new(backend.clone(), options).unwrap();
+    /// store.put("cursor", &serde_json::json!(41)).await.unwrap();
+    /// store.put("cursor", &serde_json::json!(42)).await.unwrap(); // coalesced
+    /// assert!(backend.rows().is_empty()); // still in memory
+    /// store.flush().await.unwrap();
+    /// assert_eq!(backend.rows()["cursor"], serde_json::json!(42));
+    /// # store.shutdown().await.unwrap();
+    /// # }
+    /// ```
     pub async fn flush(&self) -> Result<(), FaucetError> {
         match self.engine.wait_for_durability().await {
             RoundOutcome::Committed => Ok(()),
@@ -129,6 +147,22 @@ impl<B: StateBackend> CachedStateStore<B> {
     /// `Ok` only when nothing is left unpersisted; otherwise the error says
     /// how many keys were not persisted. Reads keep working afterwards.
     /// Calling it again reports the same outcome.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::sync::Arc;
+    /// use faucet_core::state::StateStore;
+    /// use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, MemoryBackend};
+    ///
+    /// let backend = Arc::new(MemoryBackend::new());
+    /// let options = CacheOptions::new().durability(Durability::WriteBehind);
+    /// let store = CachedStateStore::new(backend.clone(), options).unwrap();
+    /// store.put("cursor", &serde_json::json!(1)).await.unwrap();
+    /// store.shutdown().await.unwrap();
+    /// assert_eq!(backend.rows()["cursor"], serde_json::json!(1));
+    /// assert!(store.put("cursor", &serde_json::json!(2)).await.is_err());
+    /// # }
+    /// ```
     pub async fn shutdown(&self) -> Result<(), FaucetError> {
         self.closed.store(true, Ordering::SeqCst);
         while self.writers.load(Ordering::SeqCst) > 0 {
@@ -148,6 +182,21 @@ impl<B: StateBackend> CachedStateStore<B> {
     }
 
     /// A snapshot of the store's state and counters.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # use std::sync::Arc;
+    /// # use faucet_core::state::StateStore;
+    /// # use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, MemoryBackend};
+    /// # let options = CacheOptions::new().durability(Durability::WriteBehind);
+    /// let store = CachedStateStore::new(Arc::new(MemoryBackend::new()), options).unwrap();
+    /// store.put("a", &serde_json::json!(1)).await.unwrap();
+    /// store.put("a", &serde_json::json!(2)).await.unwrap();
+    /// let stats = store.stats();
+    /// assert_eq!((stats.puts, stats.coalesced_puts, stats.dirty_keys), (2, 1, 1));
+    /// # store.shutdown().await.unwrap();
+    /// # }
+    /// ```
     pub fn stats(&self) -> CacheStats {
         self.engine
             .counters
