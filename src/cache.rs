@@ -211,25 +211,12 @@ impl Cache {
             },
         };
         let version = self.next_stamp();
-        let newly_dirty = match self.slots.entry(key.to_owned()) {
-            Entry::Occupied(mut occupied) => {
-                let slot = occupied.get_mut();
-                let was_clean = matches!(slot.state, SlotState::Clean { .. });
-                slot.value = value;
-                slot.state = SlotState::Dirty { version };
-                if was_clean {
-                    self.clean_count.fetch_sub(1, Ordering::SeqCst);
-                }
-                was_clean
-            }
-            Entry::Vacant(vacant) => {
-                vacant.insert(Slot {
-                    value,
-                    state: SlotState::Dirty { version },
-                });
-                true
-            }
-        };
+        let previous = self.replace_slot(key, value, SlotState::Dirty { version });
+        if matches!(previous, Some(SlotState::Clean { .. })) {
+            self.clean_count.fetch_sub(1, Ordering::SeqCst);
+        }
+        // Another write may have made the key dirty while this one waited.
+        let newly_dirty = !matches!(previous, Some(SlotState::Dirty { .. }));
         self.bump_stripe(key);
         if newly_dirty {
             // The permit now belongs to this dirty key; `committed` returns it.
@@ -309,27 +296,37 @@ impl Cache {
     /// Write-through: the backend committed `value` for `key`.
     pub(crate) fn store_clean(&self, key: &str, value: Option<Arc<Value>>, counters: &Counters) {
         let stamp = self.next_stamp();
-        let newly_cached = match self.slots.entry(key.to_owned()) {
-            Entry::Occupied(mut occupied) => {
-                let slot = occupied.get_mut();
-                debug_assert!(matches!(slot.state, SlotState::Clean { .. }));
-                slot.value = value;
-                slot.state = SlotState::Clean { stamp };
-                false
-            }
-            Entry::Vacant(vacant) => {
-                vacant.insert(Slot {
-                    value,
-                    state: SlotState::Clean { stamp },
-                });
-                true
-            }
-        };
+        let previous = self.replace_slot(key, value, SlotState::Clean { stamp });
+        debug_assert!(!matches!(previous, Some(SlotState::Dirty { .. })));
+        let newly_cached = previous.is_none();
         self.bump_stripe(key);
         if newly_cached {
             self.clean_count.fetch_add(1, Ordering::SeqCst);
         }
         self.remember_clean(key.to_owned(), stamp, counters);
+    }
+
+    /// Sets a key's value and state, creating its slot if needed; returns the
+    /// slot's previous state.
+    fn replace_slot(
+        &self,
+        key: &str,
+        value: Option<Arc<Value>>,
+        state: SlotState,
+    ) -> Option<SlotState> {
+        match self.slots.entry(key.to_owned()) {
+            Entry::Occupied(mut occupied) => {
+                let slot = occupied.get_mut();
+                let previous = slot.state;
+                slot.value = value;
+                slot.state = state;
+                Some(previous)
+            }
+            Entry::Vacant(vacant) => {
+                vacant.insert(Slot { value, state });
+                None
+            }
+        }
     }
 
     /// Write-through: a write failed and may or may not have committed, so

@@ -82,7 +82,8 @@
 //!    `shutdown_retries_until_its_deadline_then_reports_what_was_not_persisted`,
 //!    `shutdown_with_the_server_down_reports_what_was_not_persisted`,
 //!    `dropping_without_shutdown_stops_the_flusher`,
-//!    `failed_batches_and_drops_without_shutdown_are_logged_as_warnings`)*
+//!    `failed_batches_and_drops_without_shutdown_are_logged_as_warnings`
+//!    in `tests/observability.rs`)*
 //! 5. **Crash loss.** In write-behind mode a crash loses at most the writes
 //!    made since the last committed batch, never a write that a completed
 //!    `flush()` or `shutdown()` acknowledged. In write-through and group-commit

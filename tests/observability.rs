@@ -76,8 +76,9 @@ async fn metrics_count_what_the_store_did() {
     store.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn each_flush_is_a_span_with_its_size_latency_and_outcome() {
+/// Everything logged through `tracing` on this thread while `f` runs, span
+/// closings (with their recorded fields) included.
+async fn logged<F: std::future::Future<Output = ()>>(f: F) -> String {
     #[derive(Clone, Default)]
     struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
     impl std::io::Write for Buffer {
@@ -98,17 +99,27 @@ async fn each_flush_is_a_span_with_its_size_latency_and_outcome() {
         .with_ansi(false)
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let backend = Arc::new(MemoryBackend::new());
-    let store = CachedStateStore::new(backend.clone(), write_behind("spans")).unwrap();
-    store.put("a", &json!(1)).await.unwrap();
-    store.delete("b").await.unwrap();
-    store.flush().await.unwrap();
-    store.put("a", &json!(2)).await.unwrap();
-    backend.fail_next_writes(1);
-    assert!(store.flush().await.is_err());
-    store.shutdown().await.unwrap();
-    let log = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let guard = tracing::subscriber::set_default(subscriber);
+    f.await;
+    drop(guard);
+    let bytes = buffer.0.lock().unwrap().clone();
+    String::from_utf8(bytes).unwrap()
+}
+
+#[tokio::test]
+async fn each_flush_is_a_span_with_its_size_latency_and_outcome() {
+    let log = logged(async {
+        let backend = Arc::new(MemoryBackend::new());
+        let store = CachedStateStore::new(backend.clone(), write_behind("spans")).unwrap();
+        store.put("a", &json!(1)).await.unwrap();
+        store.delete("b").await.unwrap();
+        store.flush().await.unwrap();
+        store.put("a", &json!(2)).await.unwrap();
+        backend.fail_next_writes(1);
+        assert!(store.flush().await.is_err());
+        store.shutdown().await.unwrap();
+    })
+    .await;
     let spans: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("faucet_state.flush"))
@@ -123,6 +134,31 @@ async fn each_flush_is_a_span_with_its_size_latency_and_outcome() {
     );
     assert!(
         spans.iter().any(|l| l.contains("outcome=\"failed\"")),
+        "{log}"
+    );
+}
+
+// Guarantees 7 (visibility) and 4 (drop): failures are logged as warnings.
+#[tokio::test]
+async fn failed_batches_and_drops_without_shutdown_are_logged_as_warnings() {
+    let log = logged(async {
+        let backend = Arc::new(MemoryBackend::new());
+        let store = CachedStateStore::new(backend.clone(), write_behind("warnings")).unwrap();
+        store.put("a", &json!(1)).await.unwrap();
+        backend.fail_next_writes(1);
+        assert!(store.flush().await.is_err());
+        store.put("b", &json!(2)).await.unwrap();
+        drop(store);
+    })
+    .await;
+    assert!(
+        log.contains("WARN")
+            && log.contains("flushing a batch failed")
+            && log.contains("fault injected"),
+        "{log}"
+    );
+    assert!(
+        log.contains("dropped without shutdown()") && log.contains("2 keys were not persisted"),
         "{log}"
     );
 }
