@@ -171,11 +171,21 @@ async fn wait_for_work<B: StateBackend>(engine: &Engine<B>) {
 /// whole extra round trip. No timer: once nobody stages, it goes at once.
 async fn let_writers_catch_up<B: StateBackend>(engine: &Engine<B>) {
     let mut staged = engine.cache.dirty_len();
-    for _ in 0..8 {
+    let mut idle_passes = 0;
+    for _ in 0..32 {
         tokio::task::yield_now().await;
         let now = engine.cache.dirty_len();
-        if now == staged || now >= engine.options.get_max_batch() {
+        if now >= engine.options.get_max_batch() {
             return;
+        }
+        // Writers woken on the other worker thread may need a second pass.
+        if now == staged {
+            idle_passes += 1;
+            if idle_passes == 2 {
+                return;
+            }
+        } else {
+            idle_passes = 0;
         }
         staged = now;
     }
