@@ -12,8 +12,10 @@
 //!   broke during a statement is never reused.
 //! - A connection that died while idle (server restart, a proxy cutting it)
 //!   fails its next statement with an I/O or connection-class error. The store
-//!   then runs the statement once more on another connection. Every statement
-//!   it sends is idempotent, so the retry cannot change the outcome.
+//!   then runs the statement again on another connection, up to
+//!   `max_connections + 1` times, since a blip kills every idle connection at
+//!   once. Every statement it sends is idempotent, so a retry cannot change
+//!   the outcome.
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -150,9 +150,11 @@
 //! The constructors that open a pool turn off sqlx's ping-before-acquire,
 //! which costs a round trip per statement. Dead connections are found instead
 //! by sqlx's ping when a connection is returned to the pool, and by the store
-//! itself: a statement that fails because its connection was lost is run once
-//! more on another connection. Every statement is idempotent (an upsert of
-//! the same value, a delete, a read), so the retry cannot change the outcome.
+//! itself: a statement that fails because its connection was lost is run
+//! again on another connection, up to `max_connections + 1` times in all (a
+//! network blip kills every idle pooled connection at once, and each dead one
+//! fails fast). Every statement is idempotent (an upsert of the same value, a
+//! delete, a read), so a retry cannot change the outcome.
 //!
 //! Error messages name the table, key and operation, and say what to do. No
 //! message, and no `Debug` output, contains a password: connection targets

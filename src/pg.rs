@@ -318,21 +318,31 @@ impl PostgresStateStore {
         outcome.map(drop)
     }
 
-    /// Runs one statement, and once more on another connection if the first
-    /// attempt lost its connection (see the crate docs: every statement is
-    /// idempotent, so the retry cannot change the outcome).
+    /// Runs one statement; if its connection turns out to be lost, runs it
+    /// again on another one (see the crate docs: every statement is
+    /// idempotent, so a retry cannot change the outcome).
+    ///
+    /// A network blip or a server restart kills every idle pooled connection
+    /// at once, and each is only found dead when used (a dead one is closed,
+    /// not returned, when it fails). So the statement may meet as many dead
+    /// connections as the pool holds before it reaches a fresh one: it is
+    /// tried up to `max_connections + 1` times, each dead one failing fast.
     async fn run<T, F, Fut>(&self, op: &'static str, attempt: F) -> Result<T, StoreError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
-        let result = match attempt().await {
-            Err(e) if is_connection_lost(&e) => {
-                tracing::debug!(op, table = self.table(), error = %e, "connection lost; retrying once");
-                attempt().await
+        let attempts = self.pool.options().get_max_connections() + 1;
+        let mut result = attempt().await;
+        for retry in 1..attempts {
+            match &result {
+                Err(e) if is_connection_lost(e) => {
+                    tracing::debug!(op, table = self.table(), retry, error = %e, "connection lost; retrying on another");
+                    result = attempt().await;
+                }
+                _ => break,
             }
-            other => other,
-        };
+        }
         result.map_err(|e| StoreError::Query {
             op,
             table: self.table().to_owned(),
