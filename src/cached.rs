@@ -252,6 +252,15 @@ impl<B: StateBackend> CachedStateStore<B> {
             counters.write_accepted(value.is_some());
             return Ok(());
         }
+        if self.engine.stopped.load(Ordering::SeqCst) {
+            // Only a panic ends the flusher before shutdown; accepting more
+            // writes would buffer them where nothing will ever persist them.
+            return Err(FaucetError::State(format!(
+                "the flusher has stopped unexpectedly (see the panic in the log); \
+                 the write of key '{key}' was refused; {} keys were not persisted; build a new store",
+                self.engine.cache.dirty_len()
+            )));
+        }
         let coalesced = self
             .engine
             .cache

@@ -52,6 +52,8 @@ pub(crate) struct Engine<B> {
     /// ones too) until this one has ended.
     pub requested: AtomicU64,
     pub shutting_down: AtomicBool,
+    /// The flusher task has ended, for whatever reason.
+    pub stopped: AtomicBool,
 }
 
 /// How a wait for a round ended.
@@ -74,6 +76,7 @@ impl<B: StateBackend> Engine<B> {
             progress: watch::channel(Progress::default()).0,
             requested: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
         }
     }
 
@@ -104,13 +107,14 @@ impl<B: StateBackend> Engine<B> {
 pub(crate) async fn run<B: StateBackend>(engine: Arc<Engine<B>>) {
     // Waiters must learn that no more rounds will run however the task ends:
     // by returning, by being aborted (shutdown's deadline, drop) or by a panic.
-    struct MarkStopped<'a>(&'a watch::Sender<Progress>);
+    struct MarkStopped<'a>(&'a watch::Sender<Progress>, &'a AtomicBool);
     impl Drop for MarkStopped<'_> {
         fn drop(&mut self) {
+            self.1.store(true, Ordering::SeqCst);
             self.0.send_modify(|p| p.stopped = true);
         }
     }
-    let _mark_stopped = MarkStopped(&engine.progress);
+    let _mark_stopped = MarkStopped(&engine.progress, &engine.stopped);
     let mut backoff: Option<Duration> = None;
     loop {
         match backoff {

@@ -54,6 +54,7 @@ pub struct MemoryBackend {
 
 #[derive(Debug, Default)]
 struct Faults {
+    panic_next_write: bool,
     fail_next_writes: usize,
     unavailable: bool,
     write_delay: Duration,
@@ -94,6 +95,11 @@ impl MemoryBackend {
     /// Makes the next `n` batch writes fail (without applying anything).
     pub fn fail_next_writes(&self, n: usize) {
         lock(&self.faults).fail_next_writes = n;
+    }
+
+    /// Makes the next batch write panic, as a bug in a backend would.
+    pub fn panic_next_write(&self) {
+        lock(&self.faults).panic_next_write = true;
     }
 
     /// While `true`, every read and write fails, as if the server were down.
@@ -189,6 +195,10 @@ impl StateBackend for MemoryBackend {
         }
         {
             let mut faults = lock(&self.faults);
+            if std::mem::take(&mut faults.panic_next_write) {
+                drop(faults);
+                panic!("memory backend write panicked (fault injected)");
+            }
             if faults.unavailable {
                 return Err(unavailable());
             }

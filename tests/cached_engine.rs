@@ -270,6 +270,28 @@ async fn dropping_without_shutdown_stops_the_flusher() {
     assert!(backend.rows().is_empty());
 }
 
+#[tokio::test]
+async fn a_panicking_flusher_makes_later_writes_fail_instead_of_vanishing() {
+    let (backend, store) = store_with(write_behind());
+    store.put("a", &json!(1)).await.unwrap();
+    backend.panic_next_write();
+    let err = store.flush().await.unwrap_err().to_string();
+    assert!(err.contains("1 keys were not persisted"), "{err}");
+    let err = store.put("b", &json!(2)).await.unwrap_err().to_string();
+    assert!(
+        err.contains("flusher has stopped") && err.contains("'b'"),
+        "{err}"
+    );
+    assert_eq!(
+        store.get("a").await.unwrap(),
+        Some(json!(1)),
+        "reads keep working"
+    );
+    let report = store.check(&Default::default()).await.unwrap();
+    assert_eq!(report.failed_count(), 1, "{report:?}");
+    assert!(store.shutdown().await.is_err());
+}
+
 // Guarantee 5, in process: what a crash (a drop without shutdown) can cost.
 #[tokio::test]
 async fn a_crash_costs_at_most_the_writes_since_the_last_committed_batch() {
