@@ -93,10 +93,12 @@
 //! 6. **Bounded memory.** At most [`max_pending`](CacheOptions::max_pending)
 //!    keys are dirty. When that many are, a write of another key waits for
 //!    the flusher up to [`put_timeout`](CacheOptions::put_timeout), then
-//!    returns an error; a write is never dropped silently. Clean entries are
+//!    returns an error; a write is never dropped silently (nor accepted once
+//!    the flusher has died, which only a panic can cause). Clean entries are
 //!    bounded by [`cache_capacity`](CacheOptions::cache_capacity), oldest
 //!    first, and only clean entries are evicted.
 //!    *(`a_full_buffer_makes_writes_wait_then_fail_and_never_drops_one`,
+//!    `a_panicking_flusher_makes_later_writes_fail_instead_of_vanishing`,
 //!    `only_clean_entries_are_evicted_and_clean_ones_stay_within_capacity`,
 //!    `an_outage_fills_the_buffer_then_the_store_recovers_by_itself`)*
 //! 7. **Outages.** With the server down or a connection cut, the flusher
