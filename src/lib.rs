@@ -54,9 +54,10 @@
 //! # Guarantees of the cached store
 //!
 //! These hold in every mode unless a mode is named. Each is pinned by the
-//! tests named after it (in `tests/cached_engine.rs` against an in-memory
-//! backend with injected faults, and in `tests/cached_postgres.rs` against a
-//! real server).
+//! tests named after it: in `tests/cached_engine.rs` (an in-memory backend
+//! with injected faults), `tests/observability.rs` (what is logged and
+//! probed), `tests/cached_postgres.rs` (a real server) and `tests/faults.rs`
+//! (processes killed, servers crashed, connections cut).
 //!
 //! 1. **Read-your-writes.** After `put(k, v)` returns, `get(k)` on the same
 //!    store returns `v`; after `delete(k)`, `None`; flushed or not. Dirty
@@ -82,14 +83,14 @@
 //!    `shutdown_retries_until_its_deadline_then_reports_what_was_not_persisted`,
 //!    `shutdown_with_the_server_down_reports_what_was_not_persisted`,
 //!    `dropping_without_shutdown_stops_the_flusher`,
-//!    `failed_batches_and_drops_without_shutdown_are_logged_as_warnings`
-//!    in `tests/observability.rs`)*
+//!    `failed_batches_and_drops_without_shutdown_are_logged_as_warnings`)*
 //! 5. **Crash loss.** In write-behind mode a crash loses at most the writes
 //!    made since the last committed batch, never a write that a completed
 //!    `flush()` or `shutdown()` acknowledged. In write-through and group-commit
 //!    modes it loses no write whose `put` or `delete` returned.
 //!    *(`a_crash_costs_at_most_the_writes_since_the_last_committed_batch`,
-//!    `group_commit_puts_from_64_tasks_are_each_durable_on_return`)*
+//!    `group_commit_puts_from_64_tasks_are_each_durable_on_return`,
+//!    `a_killed_process_loses_no_acknowledged_write`)*
 //! 6. **Bounded memory.** At most [`max_pending`](CacheOptions::max_pending)
 //!    keys are dirty. When that many are, a write of another key waits for
 //!    the flusher up to [`put_timeout`](CacheOptions::put_timeout), then
@@ -109,6 +110,8 @@
 //!    `check()`, and [`CachedStateStore::stats`] (dirty keys, batches, rows
 //!    written, coalesced puts, last error, cache hits and misses).
 //!    *(`an_outage_fills_the_buffer_then_the_store_recovers_by_itself`,
+//!    `a_server_crash_and_restart_loses_nothing`, `connection_cuts_lose_nothing`,
+//!    `the_first_write_after_every_pooled_connection_was_cut_succeeds`,
 //!    `check_reports_a_failing_flusher_and_a_stopped_one`,
 //!    `failed_batches_and_drops_without_shutdown_are_logged_as_warnings`)*
 //!

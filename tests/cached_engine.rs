@@ -545,41 +545,6 @@ async fn write_through_commits_before_returning_and_forgets_failed_writes() {
     store.shutdown().await.unwrap();
 }
 
-// Guarantee 7 (visibility): failures show in stats and in check().
-#[tokio::test]
-async fn check_reports_a_failing_flusher_and_a_stopped_one() {
-    let (backend, store) = store_with(write_behind().retry_backoff_max(Duration::from_millis(5)));
-    let report = store.check(&Default::default()).await.unwrap();
-    assert_eq!(report.failed_count(), 0, "{report:?}");
-    store.put("k", &json!(1)).await.unwrap();
-    backend.fail_next_writes(1);
-    assert!(store.flush().await.is_err());
-    let report = store.check(&Default::default()).await.unwrap();
-    let flusher = report.probes.iter().find(|p| p.name == "flusher").unwrap();
-    assert!(
-        format!("{:?}", flusher.status).contains("1 keys waiting"),
-        "{report:?}"
-    );
-    store.flush().await.unwrap();
-    assert_eq!(
-        store
-            .check(&Default::default())
-            .await
-            .unwrap()
-            .failed_count(),
-        0
-    );
-    store.shutdown().await.unwrap();
-    assert_eq!(
-        store
-            .check(&Default::default())
-            .await
-            .unwrap()
-            .failed_count(),
-        1
-    );
-}
-
 /// What the test knows of one key: how many writes it has had, and the
 /// sequence number of the write that is current (`None` after a delete).
 #[derive(Default)]

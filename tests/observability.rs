@@ -163,6 +163,36 @@ async fn failed_batches_and_drops_without_shutdown_are_logged_as_warnings() {
     );
 }
 
+async fn failed_probes(store: &CachedStateStore<MemoryBackend>) -> usize {
+    store
+        .check(&Default::default())
+        .await
+        .unwrap()
+        .failed_count()
+}
+
+// Guarantee 7 (visibility): failures show in stats and in check().
+#[tokio::test]
+async fn check_reports_a_failing_flusher_and_a_stopped_one() {
+    let backend = Arc::new(MemoryBackend::new());
+    let options = write_behind("probe").retry_backoff_max(Duration::from_millis(5));
+    let store = CachedStateStore::new(backend.clone(), options).unwrap();
+    assert_eq!(failed_probes(&store).await, 0);
+    store.put("k", &json!(1)).await.unwrap();
+    backend.fail_next_writes(1);
+    assert!(store.flush().await.is_err());
+    let report = store.check(&Default::default()).await.unwrap();
+    let flusher = report.probes.iter().find(|p| p.name == "flusher").unwrap();
+    assert!(
+        format!("{:?}", flusher.status).contains("1 keys waiting"),
+        "{report:?}"
+    );
+    store.flush().await.unwrap();
+    assert_eq!(failed_probes(&store).await, 0);
+    store.shutdown().await.unwrap();
+    assert_eq!(failed_probes(&store).await, 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn check_reports_the_backlog_and_its_age_when_the_flusher_falls_behind() {
     let backend = Arc::new(MemoryBackend::new());
@@ -171,14 +201,7 @@ async fn check_reports_the_backlog_and_its_age_when_the_flusher_falls_behind() {
         write_behind("backlog").flush_interval(Duration::from_secs(1)),
     )
     .unwrap();
-    assert_eq!(
-        store
-            .check(&Default::default())
-            .await
-            .unwrap()
-            .failed_count(),
-        0
-    );
+    assert_eq!(failed_probes(&store).await, 0);
     let pause = backend.pause_writes().await;
     store.put("a", &json!(1)).await.unwrap();
     store.put("b", &json!(1)).await.unwrap();
@@ -198,13 +221,6 @@ async fn check_reports_the_backlog_and_its_age_when_the_flusher_falls_behind() {
     assert!(flusher.hint.as_deref().unwrap().contains("max_batch"));
     drop(pause);
     store.flush().await.unwrap();
-    assert_eq!(
-        store
-            .check(&Default::default())
-            .await
-            .unwrap()
-            .failed_count(),
-        0
-    );
+    assert_eq!(failed_probes(&store).await, 0);
     store.shutdown().await.unwrap();
 }
