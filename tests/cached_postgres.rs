@@ -58,16 +58,27 @@ async fn write_behind_writes_nothing_until_flush_then_batches() {
         write_behind().max_batch(1000).max_pending(5000),
     )
     .await;
-    for i in 0..2500 {
-        store
-            .put(&format!("key-{i:04}"), &json!({"i": i}))
-            .await
-            .unwrap();
+    let put = |i: usize| {
+        let store = &store;
+        async move {
+            store
+                .put(&format!("key-{i:04}"), &json!({"i": i}))
+                .await
+                .unwrap()
+        }
+    };
+    // Below max_batch and long before flush_interval, nothing is written.
+    for i in 0..999 {
+        put(i).await;
     }
     assert!(
         table_rows(&store).await.is_empty(),
-        "nothing is written before a flush"
+        "nothing is written before a flush is due"
     );
+    assert_eq!(store.stats().batches_written, 0);
+    for i in 999..2500 {
+        put(i).await;
+    }
     store.flush().await.unwrap();
     let rows = table_rows(&store).await;
     assert_eq!(rows.len(), 2500);
