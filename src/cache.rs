@@ -198,8 +198,10 @@ impl Cache {
             slot.state = SlotState::Dirty {
                 version: self.next_stamp(),
             };
-            drop(slot);
+            // Before the slot is released: invariant 4 needs the stamp to
+            // move before anything can make this key clean and evictable.
             self.bump_stripe(key);
+            drop(slot);
             return Ok(true);
         }
         let permit = match self.room.try_acquire() {
@@ -217,7 +219,6 @@ impl Cache {
         }
         // Another write may have made the key dirty while this one waited.
         let newly_dirty = !matches!(previous, Some(SlotState::Dirty { .. }));
-        self.bump_stripe(key);
         if newly_dirty {
             // The permit now belongs to this dirty key; `committed` returns it.
             permit.forget();
@@ -299,15 +300,17 @@ impl Cache {
         let previous = self.replace_slot(key, value, SlotState::Clean { stamp });
         debug_assert!(!matches!(previous, Some(SlotState::Dirty { .. })));
         let newly_cached = previous.is_none();
-        self.bump_stripe(key);
         if newly_cached {
             self.clean_count.fetch_add(1, Ordering::SeqCst);
         }
         self.remember_clean(key.to_owned(), stamp, counters);
     }
 
-    /// Sets a key's value and state, creating its slot if needed; returns the
-    /// slot's previous state.
+    /// Sets a key's value and state, creating its slot if needed, and moves
+    /// the key's write stamp while the slot is still locked (invariant 4: a
+    /// read that began before this write must not be cached, even if the
+    /// slot is evicted right after it is released). Returns the slot's
+    /// previous state.
     fn replace_slot(
         &self,
         key: &str,
@@ -320,10 +323,12 @@ impl Cache {
                 let previous = slot.state;
                 slot.value = value;
                 slot.state = state;
+                self.bump_stripe(key);
                 Some(previous)
             }
             Entry::Vacant(vacant) => {
-                vacant.insert(Slot { value, state });
+                let _locked = vacant.insert(Slot { value, state });
+                self.bump_stripe(key);
                 None
             }
         }
@@ -332,10 +337,12 @@ impl Cache {
     /// Write-through: a write failed and may or may not have committed, so
     /// the cached value can no longer be trusted.
     pub(crate) fn invalidate(&self, key: &str) {
+        // Stamp first, so that a read begun before this point cannot cache
+        // what it read once the slot is gone.
+        self.bump_stripe(key);
         let removed = self
             .slots
             .remove_if(key, |_, slot| matches!(slot.state, SlotState::Clean { .. }));
-        self.bump_stripe(key);
         if removed.is_some() {
             self.clean_count.fetch_sub(1, Ordering::SeqCst);
         }

@@ -70,6 +70,8 @@
 //!    put in the same window deletes. *(`a_put_racing_the_flush_of_its_key_stays_dirty_and_lands_next`,
 //!    `a_delete_after_a_put_in_one_window_does_not_resurrect_the_key`,
 //!    `many_tasks_on_few_keys_end_with_the_last_writes`, `puts_racing_flushes_end_with_the_last_values`)*
+//!    A read that raced a write never caches what it read, so the cache
+//!    cannot go back either. *(`a_slow_read_racing_a_write_never_caches_a_stale_value`)*
 //! 3. **`flush()`.** When it returns `Ok`, every put and delete that returned
 //!    before `flush()` was called is committed. On `Err` nothing is dropped:
 //!    the entries stay dirty and the flusher retries them.
@@ -190,7 +192,7 @@ pub use config::{
     CacheOptions, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_VALUE_BYTES, DEFAULT_TABLE, Durability,
 };
 pub use connect::redact_url;
-pub use memory::{MemoryBackend, WritePause};
+pub use memory::{MemoryBackend, Pause};
 pub use pg::PostgresStateStore;
 pub use settings::PostgresStateConfig;
 pub use stats::{CacheStats, metric_names};

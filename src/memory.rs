@@ -1,7 +1,6 @@
 //! An in-memory [`StateBackend`] with failure and delay injection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -46,8 +45,10 @@ pub struct MemoryBackend {
     /// Writers take it shared; [`pause_writes`](Self::pause_writes) takes it
     /// exclusively, so a batch can be held in flight.
     gate: Arc<RwLock<()>>,
+    /// Like `gate`, for reads: held by [`pause_loads`](Self::pause_loads).
+    load_gate: Arc<RwLock<()>>,
     attempts: watch::Sender<u64>,
-    loads: AtomicU64,
+    loads: watch::Sender<u64>,
     committed: Mutex<Vec<usize>>,
     max_value_bytes: usize,
 }
@@ -60,9 +61,10 @@ struct Faults {
     write_delay: Duration,
 }
 
-/// Holds every batch write of a [`MemoryBackend`] in flight until dropped.
+/// Holds every batch write (or every read) of a [`MemoryBackend`] in flight
+/// until dropped.
 #[derive(Debug)]
-pub struct WritePause {
+pub struct Pause {
     _guard: OwnedRwLockWriteGuard<()>,
 }
 
@@ -72,8 +74,9 @@ impl Default for MemoryBackend {
             rows: Mutex::default(),
             faults: Mutex::default(),
             gate: Arc::default(),
+            load_gate: Arc::default(),
             attempts: watch::channel(0).0,
-            loads: AtomicU64::new(0),
+            loads: watch::channel(0).0,
             committed: Mutex::default(),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
         }
@@ -114,10 +117,26 @@ impl MemoryBackend {
 
     /// Holds every batch write in flight, after it has counted as an attempt
     /// and before it commits, until the returned guard is dropped.
-    pub async fn pause_writes(&self) -> WritePause {
-        WritePause {
+    pub async fn pause_writes(&self) -> Pause {
+        Pause {
             _guard: self.gate.clone().write_owned().await,
         }
+    }
+
+    /// Holds every read in flight, after it has read the row and before it
+    /// returns, until the returned guard is dropped: the read's answer can
+    /// then go stale while it waits, as a slow `SELECT` can.
+    pub async fn pause_loads(&self) -> Pause {
+        Pause {
+            _guard: self.load_gate.clone().write_owned().await,
+        }
+    }
+
+    /// Waits until at least `n` reads have been performed in total.
+    pub async fn wait_for_loads(&self, n: u64) {
+        let mut loads = self.loads.subscribe();
+        // The sender lives in `self`, so the channel cannot close here.
+        let _ = loads.wait_for(|&seen| seen >= n).await;
     }
 
     /// Waits until at least `n` batch writes have been attempted in total.
@@ -140,7 +159,7 @@ impl MemoryBackend {
 
     /// Reads performed through [`StateBackend::load`].
     pub fn loads(&self) -> u64 {
-        self.loads.load(Ordering::Relaxed)
+        *self.loads.borrow()
     }
 
     /// A copy of every stored row.
@@ -175,11 +194,14 @@ impl StateBackend for MemoryBackend {
 
     async fn load(&self, key: &str) -> Result<Option<Value>, FaucetError> {
         validate_state_key(key)?;
-        self.loads.fetch_add(1, Ordering::Relaxed);
         if lock(&self.faults).unavailable {
+            self.loads.send_modify(|n| *n += 1);
             return Err(unavailable());
         }
-        Ok(lock(&self.rows).get(key).cloned())
+        let row = lock(&self.rows).get(key).cloned();
+        self.loads.send_modify(|n| *n += 1);
+        let _open = self.load_gate.read().await;
+        Ok(row)
     }
 
     async fn write_batch(

@@ -416,6 +416,39 @@ async fn only_clean_entries_are_evicted_and_clean_ones_stay_within_capacity() {
     store.shutdown().await.unwrap();
 }
 
+// Invariant 4 of the cache: a read that raced a write never caches what it
+// read, even when the written entry was evicted before the read returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_read_racing_a_write_never_caches_a_stale_value() {
+    let (backend, store) = store_with(
+        CacheOptions::new()
+            .durability(Durability::WriteThrough)
+            .cache_capacity(1),
+    );
+    let store = Arc::new(store);
+    backend.insert_row("k", json!("old"));
+    let pause = backend.pause_loads().await;
+    let slow_read = tokio::spawn({
+        let store = store.clone();
+        async move { store.get("k").await.unwrap() }
+    });
+    backend.wait_for_loads(1).await; // it has read "old" and is held
+    store.put("k", &json!("new")).await.unwrap();
+    store.put("other", &json!(1)).await.unwrap(); // evicts k (capacity 1)
+    drop(pause);
+    assert_eq!(
+        slow_read.await.unwrap(),
+        Some(json!("old")),
+        "the racing read itself"
+    );
+    assert_eq!(
+        store.get("k").await.unwrap(),
+        Some(json!("new")),
+        "the stale answer was cached"
+    );
+    store.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn misses_read_the_backend_once_and_cache_absence_too() {
     let (backend, store) = store_with(write_behind());
