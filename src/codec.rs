@@ -38,39 +38,8 @@ pub const MAX_DEPTH: usize = 127;
 /// Returns the JSON text to bind as the row's value; its length is what the
 /// size limit measures.
 pub(crate) fn encode(key: &str, value: &Value, max_bytes: usize) -> Result<String, StoreError> {
-    let shape = inspect(value);
-    if shape.depth > MAX_DEPTH {
-        return Err(StoreError::ValueTooDeep {
-            key: key.to_owned(),
-            depth: shape.depth,
-            limit: MAX_DEPTH,
-        });
-    }
-    let text = serde_json::to_string(value).map_err(|source| StoreError::Serialize {
-        key: key.to_owned(),
-        source,
-    })?;
-    let looks_like_envelope = value
-        .as_object()
-        .is_some_and(|map| map.contains_key(ENVELOPE_KEY));
-    let stored = if shape.has_nul || looks_like_envelope {
-        let mut envelope = serde_json::Map::with_capacity(1);
-        envelope.insert(ENVELOPE_KEY.to_owned(), Value::String(text));
-        serde_json::to_string(&Value::Object(envelope)).map_err(|source| StoreError::Serialize {
-            key: key.to_owned(),
-            source,
-        })?
-    } else {
-        text
-    };
-    if stored.len() > max_bytes {
-        return Err(StoreError::ValueTooLarge {
-            key: key.to_owned(),
-            size: stored.len(),
-            limit: max_bytes,
-        });
-    }
-    Ok(stored)
+    let shape = checked_shape(key, value)?;
+    encode_shaped(key, value, &shape, max_bytes)
 }
 
 /// Checks that `value` can be stored under `key` within `max_bytes`, with
@@ -80,15 +49,19 @@ pub(crate) fn encode(key: &str, value: &Value, max_bytes: usize) -> Result<Strin
 /// cache), so that a value that can never be stored is refused by `put`
 /// instead of failing the flusher forever.
 pub(crate) fn validate(key: &str, value: &Value, max_bytes: usize) -> Result<(), StoreError> {
-    let shape = inspect(value);
-    if shape.has_nul
-        || value
-            .as_object()
-            .is_some_and(|m| m.contains_key(ENVELOPE_KEY))
-    {
+    let shape = checked_shape(key, value)?;
+    if needs_envelope(value, &shape) {
         // Rare: measure the envelope exactly by building it.
-        return encode(key, value, max_bytes).map(drop);
+        return encode_shaped(key, value, &shape, max_bytes).map(drop);
     }
+    let mut counter = ByteCounter(0);
+    serde_json::to_writer(&mut counter, value).map_err(|source| serialize_error(key, source))?;
+    within_limit(key, counter.0, max_bytes)
+}
+
+/// The value's shape, once it is known not to be nested too deeply.
+fn checked_shape(key: &str, value: &Value) -> Result<Shape, StoreError> {
+    let shape = inspect(value);
     if shape.depth > MAX_DEPTH {
         return Err(StoreError::ValueTooDeep {
             key: key.to_owned(),
@@ -96,19 +69,51 @@ pub(crate) fn validate(key: &str, value: &Value, max_bytes: usize) -> Result<(),
             limit: MAX_DEPTH,
         });
     }
-    let mut counter = ByteCounter(0);
-    serde_json::to_writer(&mut counter, value).map_err(|source| StoreError::Serialize {
-        key: key.to_owned(),
-        source,
-    })?;
-    if counter.0 > max_bytes {
+    Ok(shape)
+}
+
+fn needs_envelope(value: &Value, shape: &Shape) -> bool {
+    shape.has_nul
+        || value
+            .as_object()
+            .is_some_and(|map| map.contains_key(ENVELOPE_KEY))
+}
+
+fn encode_shaped(
+    key: &str,
+    value: &Value,
+    shape: &Shape,
+    max_bytes: usize,
+) -> Result<String, StoreError> {
+    let text = serde_json::to_string(value).map_err(|source| serialize_error(key, source))?;
+    let stored = if needs_envelope(value, shape) {
+        let mut envelope = serde_json::Map::with_capacity(1);
+        envelope.insert(ENVELOPE_KEY.to_owned(), Value::String(text));
+        serde_json::to_string(&Value::Object(envelope))
+            .map_err(|source| serialize_error(key, source))?
+    } else {
+        text
+    };
+    within_limit(key, stored.len(), max_bytes)?;
+    Ok(stored)
+}
+
+fn within_limit(key: &str, size: usize, max_bytes: usize) -> Result<(), StoreError> {
+    if size > max_bytes {
         return Err(StoreError::ValueTooLarge {
             key: key.to_owned(),
-            size: counter.0,
+            size,
             limit: max_bytes,
         });
     }
     Ok(())
+}
+
+fn serialize_error(key: &str, source: serde_json::Error) -> StoreError {
+    StoreError::Serialize {
+        key: key.to_owned(),
+        source,
+    }
 }
 
 /// A writer that only counts what is written to it.

@@ -1,7 +1,6 @@
 //! The plain store: every operation is one statement, durable on return.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 
@@ -185,31 +184,15 @@ impl PostgresStateStore {
     /// # Ok(()) }
     /// ```
     pub async fn put_many<K: AsRef<str>>(&self, entries: &[(K, Value)]) -> Result<(), FaucetError> {
-        let mut slot_of: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
-        let mut keys: Vec<&str> = Vec::with_capacity(entries.len());
-        let mut texts: Vec<String> = Vec::with_capacity(entries.len());
+        // A key given twice keeps its last entry; key order makes concurrent
+        // batches lock rows in the same order, so they cannot deadlock.
+        let mut latest: BTreeMap<&str, String> = BTreeMap::new();
         for (key, value) in entries {
             let key = key.as_ref();
             validate_state_key(key)?;
-            let text = codec::encode(key, value, self.max_value_bytes)?;
-            match slot_of.entry(key) {
-                Entry::Occupied(slot) => texts[*slot.get()] = text,
-                Entry::Vacant(slot) => {
-                    slot.insert(keys.len());
-                    keys.push(key);
-                    texts.push(text);
-                }
-            }
+            latest.insert(key, codec::encode(key, value, self.max_value_bytes)?);
         }
-        // Key order, so that concurrent batches lock rows in the same order
-        // and cannot deadlock each other.
-        let mut order: Vec<usize> = (0..keys.len()).collect();
-        order.sort_unstable_by_key(|&i| keys[i]);
-        let keys: Vec<&str> = order.iter().map(|&i| keys[i]).collect();
-        let texts: Vec<String> = order
-            .into_iter()
-            .map(|i| std::mem::take(&mut texts[i]))
-            .collect();
+        let (keys, texts): (Vec<&str>, Vec<String>) = latest.into_iter().unzip();
         Ok(self.apply(&keys, &texts, &[]).await?)
     }
 
