@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -27,6 +27,7 @@ use dashmap::mapref::entry::Entry;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
+use crate::lock::lock;
 use crate::stats::Counters;
 
 /// Stripes of write stamps (invariant 4). More stripes mean fewer reads that
@@ -62,6 +63,15 @@ struct DirtyQueue {
 }
 
 impl DirtyQueue {
+    /// Since when the oldest write not yet persisted, queued or in flight,
+    /// has waited.
+    fn oldest(&self) -> Option<Instant> {
+        match (self.waiting_since, self.in_flight_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     fn push(&mut self, key: String) {
         if self.keys.is_empty() && self.waiting_since.is_none() {
             self.waiting_since = Some(Instant::now());
@@ -244,11 +254,7 @@ impl Cache {
 
     /// Since when the oldest write not yet persisted has waited, if any.
     pub(crate) fn oldest_pending(&self) -> Option<Instant> {
-        let queue = lock(&self.queue);
-        match (queue.waiting_since, queue.in_flight_since) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        lock(&self.queue).oldest()
     }
 
     /// The newest write of a queued key.
@@ -287,10 +293,8 @@ impl Cache {
     /// Puts keys whose batch failed back on the queue; they are still dirty.
     pub(crate) fn requeue(&self, keys: impl IntoIterator<Item = String>) {
         let mut queue = lock(&self.queue);
-        queue.waiting_since = match (queue.waiting_since, queue.in_flight_since) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        // The requeued keys have waited since their round's queue began.
+        queue.waiting_since = queue.oldest();
         queue.keys.extend(keys);
     }
 
@@ -391,12 +395,4 @@ impl Cache {
     fn bump_stripe(&self, key: &str) {
         self.write_stamps[self.stripe_of(key)].fetch_add(1, Ordering::SeqCst);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Guarded data is updated in single steps that cannot be observed half
-    // done, so a poisoned lock still holds consistent data.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

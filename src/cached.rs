@@ -18,6 +18,7 @@ use crate::backend::StateBackend;
 use crate::cache::{Lookup, STRIPES};
 use crate::config::{CacheOptions, Durability};
 use crate::flusher::{self, Engine, RoundOutcome};
+use crate::lock::lock;
 use crate::stats::CacheStats;
 
 /// A [`StateStore`] that answers from memory and persists in batches.
@@ -474,11 +475,4 @@ impl<B: StateBackend> fmt::Debug for CachedStateStore<B> {
             .field("closed", &self.closed.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Only an Option<JoinHandle> is guarded; it stays consistent on panic.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

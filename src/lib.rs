@@ -177,6 +177,7 @@ mod config;
 mod connect;
 mod error;
 mod flusher;
+mod lock;
 mod memory;
 mod pg;
 mod probe;

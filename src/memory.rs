@@ -1,7 +1,7 @@
 //! An in-memory [`StateBackend`] with failure and delay injection.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,6 +14,7 @@ use tokio::sync::{OwnedRwLockWriteGuard, RwLock, watch};
 use crate::backend::StateBackend;
 use crate::codec;
 use crate::config::DEFAULT_MAX_VALUE_BYTES;
+use crate::lock::lock;
 
 /// A [`StateBackend`] that keeps rows in a map, for tests.
 ///
@@ -171,14 +172,6 @@ impl MemoryBackend {
     pub fn insert_row(&self, key: &str, value: Value) {
         lock(&self.rows).insert(key.to_owned(), value);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain data behind that
-    // is still consistent, so a poisoned lock is safe to keep using.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn unavailable() -> FaucetError {

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
+use crate::lock::lock;
+
 /// A snapshot of a [`CachedStateStore`](crate::CachedStateStore)'s state and
 /// counters, from [`stats()`](crate::CachedStateStore::stats). Counters are
 /// totals since the store was built.
@@ -183,17 +185,11 @@ impl Counters {
         self.flush_errors.fetch_add(1, Ordering::Relaxed);
         self.instruments.flush_errors.increment(1);
         self.instruments.flush_seconds.record(elapsed.as_secs_f64());
-        *self
-            .last_error
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error);
+        *lock(&self.last_error) = Some(error);
     }
 
     pub(crate) fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        lock(&self.last_error).clone()
     }
 
     pub(crate) fn snapshot(&self, dirty_keys: usize, cached_keys: usize) -> CacheStats {
