@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use faucet_core::FaucetError;
 use faucet_core::check::{CheckContext, CheckReport, Probe};
 use faucet_core::state::{StateStore, validate_state_key};
-use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, StateBackend};
+use faucet_state_postgres::{BatchError, CacheOptions, CachedStateStore, Durability, StateBackend};
 use serde_json::{Value, json};
 
 struct CountingAllocator;
@@ -57,8 +57,8 @@ struct Discard;
 
 #[async_trait]
 impl StateBackend for Discard {
-    fn validate(&self, key: &str, _value: &Value) -> Result<(), FaucetError> {
-        validate_state_key(key)
+    fn validate(&self, key: &str, _value: &Value) -> Result<usize, FaucetError> {
+        validate_state_key(key).map(|()| 0)
     }
 
     async fn load(&self, _key: &str) -> Result<Option<Value>, FaucetError> {
@@ -69,7 +69,7 @@ impl StateBackend for Discard {
         &self,
         _upserts: &[(String, Arc<Value>)],
         _deletes: &[String],
-    ) -> Result<(), FaucetError> {
+    ) -> Result<(), BatchError> {
         Ok(())
     }
 

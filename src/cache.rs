@@ -5,17 +5,22 @@
 //! written). Invariants:
 //!
 //! 1. A dirty slot is never evicted, so reads always see the newest write.
-//! 2. Every dirty key is either in the dirty queue or in the batch the
-//!    flusher is writing, never both and never twice; the queue is therefore
-//!    bounded by `max_pending`, like the dirty slots.
+//! 2. Every dirty key is in exactly one place: the dirty queue, the round
+//!    the flusher is writing, or *parked* after the server refused it (see
+//!    below); never twice. The queue is therefore bounded by `max_pending`,
+//!    like the dirty slots.
 //! 3. Only the flusher turns a dirty slot clean, and only if the version it
 //!    wrote is still the slot's version; otherwise a newer write arrived
 //!    while the batch was in flight and the key goes back on the queue.
 //! 4. A value read from the backend is cached only if no write touched its
 //!    stripe of keys while the read was in flight, so a slow read can never
 //!    bring back a value older than a write it raced with.
+//! 5. A parked key has a record in `refusals` (why, and when to retry it
+//!    alone); a newer write of the key removes the record and queues the key
+//!    again. A slot's refusal state and its record change together, under
+//!    the slot's lock (lock order: slot, then `refusals`, then the queue).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,7 +43,35 @@ pub(crate) const STRIPES: usize = 256;
 struct Slot {
     /// `None`: the key has no value (deleted, or never written).
     value: Option<Arc<Value>>,
+    /// Encoded size of a dirty write (value and key), for batch bounds.
+    bytes: usize,
     state: SlotState,
+    refused: Refused,
+}
+
+/// Where a dirty key whose write the server refused stands (invariant 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Not refused (or a newer write replaced the refused one).
+    No,
+    /// Out of the queue, waiting for its retry time.
+    Parked,
+    /// Taken again by a round, alone in its batch.
+    Retrying,
+}
+
+/// Why a key's write was refused, and when it is tried again.
+#[derive(Debug, Clone)]
+struct Refusal {
+    reason: Arc<str>,
+    retry_at: Instant,
+}
+
+/// A write the server refused, as [`Cache::refused_writes`] reports it.
+#[derive(Debug, Clone)]
+pub(crate) struct RefusedKey {
+    pub key: String,
+    pub reason: Arc<str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +135,16 @@ pub(crate) struct Full;
 pub(crate) struct DirtyEntry {
     pub version: u64,
     pub value: Option<Arc<Value>>,
+    /// Encoded size of the value and the key.
+    pub bytes: usize,
+}
+
+/// A write the cache accepted.
+pub(crate) struct Staged {
+    /// It replaced a not-yet-persisted write of the same key.
+    pub coalesced: bool,
+    /// Identifies this write among the key's writes (larger is newer).
+    pub version: u64,
 }
 
 #[derive(Debug)]
@@ -109,6 +152,8 @@ pub(crate) struct Cache {
     slots: DashMap<String, Slot>,
     write_stamps: Box<[AtomicU64]>,
     queue: Mutex<DirtyQueue>,
+    /// Parked keys (invariant 5).
+    refusals: Mutex<HashMap<String, Refusal>>,
     /// Clean keys in the order they became clean, oldest first, with the
     /// stamp of that clean period; stale pairs are skipped.
     clean_order: Mutex<VecDeque<(String, u64)>>,
@@ -126,6 +171,7 @@ impl Cache {
             slots: DashMap::new(),
             write_stamps: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             queue: Mutex::default(),
+            refusals: Mutex::default(),
             clean_order: Mutex::default(),
             clean_count: AtomicUsize::new(0),
             dirty_count: AtomicUsize::new(0),
@@ -148,16 +194,17 @@ impl Cache {
     }
 
     pub(crate) fn lookup(&self, key: &str, counters: &Counters) -> Lookup {
+        // The stamp is read before the slot is looked up: a write that
+        // creates the slot after the lookup missed it has then moved the
+        // stamp, and `fill` will not cache the read (invariant 4).
+        let stripe = self.stripe_of(key);
+        let stamp = self.write_stamps[stripe].load(Ordering::SeqCst);
         if let Some(slot) = self.slots.get(key) {
             counters.hit();
             return Lookup::Hit(slot.value.clone());
         }
         counters.miss();
-        let stripe = self.stripe_of(key);
-        Lookup::Miss(FillTicket {
-            stripe,
-            stamp: self.write_stamps[stripe].load(Ordering::SeqCst),
-        })
+        Lookup::Miss(FillTicket { stripe, stamp })
     }
 
     /// Caches a value read from the backend, unless a write raced with the
@@ -179,7 +226,9 @@ impl Cache {
             {
                 vacant.insert(Slot {
                     value: value.map(Arc::new),
+                    bytes: 0,
                     state: SlotState::Clean { stamp },
+                    refused: Refused::No,
                 });
                 true
             }
@@ -191,28 +240,33 @@ impl Cache {
         }
     }
 
-    /// Records a write (a value, or `None` for a delete) as dirty. Returns
-    /// whether it coalesced with an unflushed write of the same key. Waits up
-    /// to `wait` for room when `max_pending` keys are dirty.
+    /// Records a write (a value, or `None` for a delete, with its encoded
+    /// size) as dirty. Waits up to `wait` for room when `max_pending` keys
+    /// are dirty.
     pub(crate) async fn stage(
         &self,
         key: &str,
         value: Option<Value>,
+        bytes: usize,
         wait: Duration,
-    ) -> Result<bool, Full> {
+    ) -> Result<Staged, Full> {
         let value = value.map(Arc::new);
         if let Some(mut slot) = self.slots.get_mut(key)
             && matches!(slot.state, SlotState::Dirty { .. })
         {
+            let version = self.next_stamp();
             slot.value = value;
-            slot.state = SlotState::Dirty {
-                version: self.next_stamp(),
-            };
+            slot.bytes = bytes;
+            slot.state = SlotState::Dirty { version };
+            self.replace_refused(key, &mut slot.refused);
             // Before the slot is released: invariant 4 needs the stamp to
             // move before anything can make this key clean and evictable.
             self.bump_stripe(key);
             drop(slot);
-            return Ok(true);
+            return Ok(Staged {
+                coalesced: true,
+                version,
+            });
         }
         let permit = match self.room.try_acquire() {
             Ok(permit) => permit,
@@ -223,7 +277,7 @@ impl Cache {
             },
         };
         let version = self.next_stamp();
-        let previous = self.replace_slot(key, value, SlotState::Dirty { version });
+        let previous = self.replace_slot(key, value, bytes, SlotState::Dirty { version });
         if matches!(previous, Some(SlotState::Clean { .. })) {
             self.clean_count.fetch_sub(1, Ordering::SeqCst);
         }
@@ -235,16 +289,131 @@ impl Cache {
             self.dirty_count.fetch_add(1, Ordering::SeqCst);
             lock(&self.queue).push(key.to_owned());
         }
-        Ok(!newly_dirty)
+        Ok(Staged {
+            coalesced: !newly_dirty,
+            version,
+        })
+    }
+
+    /// A newer write replaces a refused one (invariant 5): its record goes,
+    /// and a parked key is queued again. Called under the slot's lock.
+    fn replace_refused(&self, key: &str, refused: &mut Refused) {
+        match std::mem::replace(refused, Refused::No) {
+            Refused::No => {}
+            Refused::Retrying => {
+                lock(&self.refusals).remove(key);
+            }
+            Refused::Parked => {
+                lock(&self.refusals).remove(key);
+                lock(&self.queue).push(key.to_owned());
+            }
+        }
     }
 
     /// Takes every queued key for a new flush round; returns the round's
     /// number and the keys.
-    pub(crate) fn take_round(&self) -> (u64, Vec<String>) {
+    ///
+    /// Parked keys whose retry time has come are returned apart: each is
+    /// written alone, so a write refused again blocks no other key.
+    pub(crate) fn take_round(&self) -> (u64, Vec<String>, Vec<String>) {
+        let retries = self.take_due_retries();
         let mut queue = lock(&self.queue);
         queue.rounds_started += 1;
         queue.in_flight_since = queue.waiting_since.take();
-        (queue.rounds_started, std::mem::take(&mut queue.keys))
+        (
+            queue.rounds_started,
+            std::mem::take(&mut queue.keys),
+            retries,
+        )
+    }
+
+    fn take_due_retries(&self) -> Vec<String> {
+        let now = Instant::now();
+        let due: Vec<String> = lock(&self.refusals)
+            .iter()
+            .filter(|(_, refusal)| refusal.retry_at <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        due.into_iter()
+            .filter(|key| {
+                let Some(mut slot) = self.slots.get_mut(key) else {
+                    return false;
+                };
+                if slot.refused != Refused::Parked {
+                    return false;
+                }
+                slot.refused = Refused::Retrying;
+                if let Some(refusal) = lock(&self.refusals).get_mut(key) {
+                    // In flight: not due again until it is refused again.
+                    refusal.retry_at = now + Duration::from_secs(365 * 24 * 3600);
+                }
+                true
+            })
+            .collect()
+    }
+
+    /// Keys waiting in the queue (not in flight, not parked).
+    pub(crate) fn queued_len(&self) -> usize {
+        lock(&self.queue).keys.len()
+    }
+
+    /// When the next parked key is due to be retried, if any is parked.
+    pub(crate) fn next_retry(&self) -> Option<Instant> {
+        lock(&self.refusals)
+            .values()
+            .map(|refusal| refusal.retry_at)
+            .min()
+    }
+
+    /// The server refused `version` of `key`: unless a newer write arrived
+    /// meanwhile (then the key is queued again, as in [`committed`](Self::committed)),
+    /// the key is parked until `retry_at`. Returns whether it was parked.
+    pub(crate) fn refused(
+        &self,
+        key: &str,
+        version: u64,
+        reason: Arc<str>,
+        retry_at: Instant,
+    ) -> bool {
+        match self.slots.get_mut(key) {
+            Some(mut slot) if slot.state == (SlotState::Dirty { version }) => {
+                slot.refused = Refused::Parked;
+                lock(&self.refusals).insert(key.to_owned(), Refusal { reason, retry_at });
+                true
+            }
+            _ => {
+                lock(&self.queue).push(key.to_owned());
+                false
+            }
+        }
+    }
+
+    /// Why the server refused `key`, if its write `version` (or a newer one
+    /// of the same key) was refused and not yet replaced.
+    pub(crate) fn refusal_of(&self, key: &str, version: u64) -> Option<Arc<str>> {
+        let slot = self.slots.get(key)?;
+        match slot.state {
+            SlotState::Dirty { version: current }
+                if current >= version && slot.refused != Refused::No =>
+            {
+                lock(&self.refusals).get(key).map(|r| r.reason.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Every write the server refused that no newer write has replaced, in
+    /// key order.
+    pub(crate) fn refused_writes(&self) -> Vec<RefusedKey> {
+        let mut refused: Vec<RefusedKey> = lock(&self.refusals)
+            .iter()
+            .map(|(key, refusal)| RefusedKey {
+                key: key.clone(),
+                reason: refusal.reason.clone(),
+            })
+            .collect();
+        refused.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        refused
     }
 
     /// The running round ended; what it did not commit is queued again.
@@ -264,6 +433,7 @@ impl Cache {
             SlotState::Dirty { version } => Some(DirtyEntry {
                 version,
                 value: slot.value.clone(),
+                bytes: slot.bytes,
             }),
             SlotState::Clean { .. } => None,
         }
@@ -276,6 +446,9 @@ impl Cache {
         let cleaned = match self.slots.get_mut(key) {
             Some(mut slot) if slot.state == (SlotState::Dirty { version }) => {
                 slot.state = SlotState::Clean { stamp };
+                if std::mem::replace(&mut slot.refused, Refused::No) != Refused::No {
+                    lock(&self.refusals).remove(key);
+                }
                 true
             }
             _ => false,
@@ -301,7 +474,7 @@ impl Cache {
     /// Write-through: the backend committed `value` for `key`.
     pub(crate) fn store_clean(&self, key: &str, value: Option<Arc<Value>>, counters: &Counters) {
         let stamp = self.next_stamp();
-        let previous = self.replace_slot(key, value, SlotState::Clean { stamp });
+        let previous = self.replace_slot(key, value, 0, SlotState::Clean { stamp });
         debug_assert!(!matches!(previous, Some(SlotState::Dirty { .. })));
         let newly_cached = previous.is_none();
         if newly_cached {
@@ -315,10 +488,12 @@ impl Cache {
     /// read that began before this write must not be cached, even if the
     /// slot is evicted right after it is released). Returns the slot's
     /// previous state.
+    /// A refused write it replaces is handled as in `stage` (invariant 5).
     fn replace_slot(
         &self,
         key: &str,
         value: Option<Arc<Value>>,
+        bytes: usize,
         state: SlotState,
     ) -> Option<SlotState> {
         match self.slots.entry(key.to_owned()) {
@@ -326,12 +501,19 @@ impl Cache {
                 let slot = occupied.get_mut();
                 let previous = slot.state;
                 slot.value = value;
+                slot.bytes = bytes;
                 slot.state = state;
+                self.replace_refused(key, &mut slot.refused);
                 self.bump_stripe(key);
                 Some(previous)
             }
             Entry::Vacant(vacant) => {
-                let _locked = vacant.insert(Slot { value, state });
+                let _locked = vacant.insert(Slot {
+                    value,
+                    bytes,
+                    state,
+                    refused: Refused::No,
+                });
                 self.bump_stripe(key);
                 None
             }
@@ -360,7 +542,7 @@ impl Cache {
             order.push_back((key, stamp));
             // Keys that turned clean many times leave stale pairs behind;
             // drop them before the queue outgrows the cache it describes.
-            if order.len() > 2 * self.capacity + 1024 {
+            if order.len() > self.capacity.saturating_mul(2).saturating_add(1024) {
                 order.retain(|(key, stamp)| self.is_clean_with(key, *stamp));
             }
         }

@@ -14,12 +14,12 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 
 use crate::PostgresStateStore;
-use crate::backend::StateBackend;
+use crate::backend::{BatchError, StateBackend};
 use crate::cache::{Lookup, STRIPES};
 use crate::config::{CacheOptions, Durability};
 use crate::flusher::{self, Engine, RoundOutcome};
 use crate::lock::lock;
-use crate::stats::CacheStats;
+use crate::stats::{CacheStats, RefusedWrite};
 
 /// A [`StateStore`] that answers from memory and persists in batches.
 ///
@@ -132,7 +132,7 @@ impl<B: StateBackend> CachedStateStore<B> {
     /// ```
     pub async fn flush(&self) -> Result<(), FaucetError> {
         match self.engine.wait_for_durability().await {
-            RoundOutcome::Committed => Ok(()),
+            RoundOutcome::Committed => self.no_refusals("flush"),
             RoundOutcome::Failed(error) => Err(FaucetError::State(format!(
                 "flush failed: {error}; {} keys stay dirty and are retried",
                 self.engine.cache.dirty_len()
@@ -199,9 +199,21 @@ impl<B: StateBackend> CachedStateStore<B> {
     /// # }
     /// ```
     pub fn stats(&self) -> CacheStats {
-        self.engine
-            .counters
-            .snapshot(self.engine.cache.dirty_len(), self.engine.cache.len())
+        let refused = self
+            .engine
+            .cache
+            .refused_writes()
+            .into_iter()
+            .map(|write| RefusedWrite {
+                key: write.key,
+                reason: write.reason.to_string(),
+            })
+            .collect();
+        self.engine.counters.snapshot(
+            self.engine.cache.dirty_len(),
+            self.engine.cache.len(),
+            refused,
+        )
     }
 
     /// The backend the store persists to.
@@ -218,13 +230,44 @@ impl<B: StateBackend> CachedStateStore<B> {
         match self.engine.cache.dirty_len() {
             0 => Ok(()),
             left => Err(FaucetError::State(format!(
-                "{operation}: {left} keys were not persisted (the flusher has stopped); last error: {}",
+                "{operation}: {left} keys were not persisted (the flusher has stopped); {}last error: {}",
+                self.refusal_summary(),
                 self.engine
                     .counters
                     .last_error()
                     .unwrap_or_else(|| "none".to_owned())
             ))),
         }
+    }
+
+    /// `Ok` unless the server refused writes that are still pending.
+    fn no_refusals(&self, operation: &str) -> Result<(), FaucetError> {
+        let summary = self.refusal_summary();
+        if summary.is_empty() {
+            return Ok(());
+        }
+        Err(FaucetError::State(format!(
+            "{operation}: every other write is committed, but {summary}they stay pending and are \
+             retried alone every retry_backoff_max; write those keys again with values the table accepts"
+        )))
+    }
+
+    /// "the server refused N writes: key 'a': reason; …; " naming up to five
+    /// keys, or "" when nothing is refused.
+    fn refusal_summary(&self) -> String {
+        const SHOWN: usize = 5;
+        let refused = self.engine.cache.refused_writes();
+        if refused.is_empty() {
+            return String::new();
+        }
+        let mut summary = format!("the server refused {} writes: ", refused.len());
+        for write in refused.iter().take(SHOWN) {
+            summary.push_str(&format!("key '{}': {}; ", write.key, write.reason));
+        }
+        if refused.len() > SHOWN {
+            summary.push_str(&format!("and {} more; ", refused.len() - SHOWN));
+        }
+        summary
     }
 
     /// Admits one write, unless the store is shut down. The guard keeps
@@ -242,10 +285,13 @@ impl<B: StateBackend> CachedStateStore<B> {
 
     async fn write(&self, key: &str, value: Option<&Value>) -> Result<(), FaucetError> {
         let writer = self.enter(key)?;
-        match value {
+        let value_bytes = match value {
             Some(value) => self.engine.backend.validate(key, value)?,
-            None => validate_state_key(key)?,
-        }
+            None => {
+                validate_state_key(key)?;
+                0
+            }
+        };
         let counters = &self.engine.counters;
         let durability = self.engine.options.get_durability();
         if durability == Durability::WriteThrough {
@@ -253,41 +299,66 @@ impl<B: StateBackend> CachedStateStore<B> {
             counters.write_accepted(value.is_some());
             return Ok(());
         }
-        if self.engine.stopped.load(Ordering::SeqCst) {
-            // Only a panic ends the flusher before shutdown; accepting more
-            // writes would buffer them where nothing will ever persist them.
-            return Err(FaucetError::State(format!(
-                "the flusher has stopped unexpectedly (see the panic in the log); \
-                 the write of key '{key}' was refused; {} keys were not persisted; build a new store",
-                self.engine.cache.dirty_len()
-            )));
-        }
-        let coalesced = self
+        self.refuse_if_flusher_died(key)?;
+        // A writer that never awaits anything that pends (write-behind puts
+        // in a loop) would keep its worker thread forever, and a flusher
+        // woken onto that thread would never run. Spending the task's
+        // cooperative budget makes such a writer yield now and then.
+        tokio::task::consume_budget().await;
+        let staged = self
             .engine
             .cache
-            .stage(key, value.cloned(), self.engine.options.get_put_timeout())
+            .stage(
+                key,
+                value.cloned(),
+                value_bytes.saturating_add(key.len()),
+                self.engine.options.get_put_timeout(),
+            )
             .await
             .map_err(|_| self.full_error(key))?;
+        // Checked again once staged: a flusher that died before this write
+        // was staged will never persist it, so it must not be acknowledged.
+        self.refuse_if_flusher_died(key)?;
         counters.write_accepted(value.is_some());
-        if coalesced {
+        if staged.coalesced {
             counters.coalesced();
         } else {
             counters.dirty_keys(self.engine.cache.dirty_len());
         }
         drop(writer);
         if durability == Durability::WriteBehind {
-            if self.engine.cache.dirty_len() >= self.engine.options.get_max_batch() {
+            if self.engine.cache.dirty_len() >= self.engine.flush_threshold {
                 self.engine.wake.notify_one();
             }
             return Ok(());
         }
         match self.engine.wait_for_durability().await {
-            RoundOutcome::Committed => Ok(()),
+            RoundOutcome::Committed => match self.engine.cache.refusal_of(key, staged.version) {
+                None => Ok(()),
+                Some(reason) => Err(FaucetError::State(format!(
+                    "the server refused the write of key '{key}': {reason}; the write stays pending \
+                     and is retried alone every retry_backoff_max, blocking no other key; \
+                     write the key again with a value the table accepts"
+                ))),
+            },
             RoundOutcome::Failed(error) => Err(FaucetError::State(format!(
                 "the batch carrying key '{key}' failed: {error}; the write stays queued and is retried"
             ))),
             RoundOutcome::Stopped => self.nothing_left("put"),
         }
+    }
+
+    /// Only a panic ends the flusher before shutdown; accepting more writes
+    /// would buffer them where nothing will ever persist them.
+    fn refuse_if_flusher_died(&self, key: &str) -> Result<(), FaucetError> {
+        if self.engine.stopped.load(Ordering::SeqCst) && !self.closed.load(Ordering::SeqCst) {
+            return Err(FaucetError::State(format!(
+                "the flusher has stopped unexpectedly (see the panic in the log); \
+                 the write of key '{key}' was refused; {} keys were not persisted; build a new store",
+                self.engine.cache.dirty_len()
+            )));
+        }
+        Ok(())
     }
 
     async fn write_through(&self, key: &str, value: Option<&Value>) -> Result<(), FaucetError> {
@@ -318,21 +389,57 @@ impl<B: StateBackend> CachedStateStore<B> {
             }
             Err(error) => {
                 self.engine.cache.invalidate(key);
-                Err(error)
+                let what = if value.is_some() { "write" } else { "delete" };
+                Err(FaucetError::State(match error {
+                    BatchError::Refused(error) => {
+                        self.engine.counters.record_refusal();
+                        format!(
+                            "the server refused the {what} of key '{key}': {error}; \
+                             nothing was written: write the key with a value the table accepts"
+                        )
+                    }
+                    BatchError::Transient(error) => format!(
+                        "the {what} of key '{key}' failed: {error}; it may or may not have \
+                         committed: retry it"
+                    ),
+                }))
             }
         }
     }
 
+    /// Why the buffer is full: a failing flusher, refused writes, or one that
+    /// is slow or stalled while its batches still commit.
     fn full_error(&self, key: &str) -> FaucetError {
+        let progress = self.engine.progress.borrow().clone();
+        let cause = if progress.stopped {
+            "the flusher has stopped".to_owned()
+        } else if progress.succeeded < progress.ended {
+            format!(
+                "the flusher is failing: its last batch failed with: {}; it retries with backoff",
+                progress.last_error.as_deref().unwrap_or("unknown error")
+            )
+        } else if !self.engine.cache.refused_writes().is_empty() {
+            format!(
+                "{}write those keys again with values the table accepts",
+                self.refusal_summary()
+            )
+        } else {
+            let age = self
+                .engine
+                .cache
+                .oldest_pending()
+                .map_or(Duration::ZERO, |since| since.elapsed());
+            format!(
+                "the flusher's batches commit, but it is stalled or slower than the writers \
+                 (the oldest waiting write is {age:.1?} old): check the database's latency, \
+                 or raise max_batch"
+            )
+        };
         FaucetError::State(format!(
             "cannot accept the write of key '{key}': {} keys are waiting to be persisted \
-             (max_pending) and none was persisted within put_timeout ({:?}); last flush error: {}",
+             (max_pending) and none was persisted within put_timeout ({:?}); {cause}",
             self.engine.cache.dirty_len(),
             self.engine.options.get_put_timeout(),
-            self.engine
-                .counters
-                .last_error()
-                .unwrap_or_else(|| "none".to_owned())
         ))
     }
 
@@ -350,7 +457,13 @@ impl<B: StateBackend> CachedStateStore<B> {
             Some(age) if dirty > 0 => format!("{dirty} keys waiting, the oldest for {age:.1?}"),
             _ => format!("{dirty} keys waiting"),
         };
-        let stall = self.engine.options.get_flush_interval() * 2 + Duration::from_secs(10);
+        let stall = self
+            .engine
+            .options
+            .get_flush_interval()
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(10));
+        let refused = self.refusal_summary();
         if progress.stopped || lock(&self.flusher).is_none() {
             Probe::fail_hint(
                 "flusher",
@@ -367,6 +480,14 @@ impl<B: StateBackend> CachedStateStore<B> {
                     progress.last_error.as_deref().unwrap_or("unknown error")
                 ),
                 "check the database; the flusher keeps retrying with backoff",
+            )
+        } else if !refused.is_empty() {
+            Probe::fail_hint(
+                "flusher",
+                Duration::ZERO,
+                format!("{refused}{backlog}"),
+                "a value, a constraint, a trigger or the database encoding refuses these writes: \
+                 write the keys again with values the table accepts, or fix the table",
             )
         } else if age.is_some_and(|age| age > stall) {
             Probe::fail_hint(

@@ -48,15 +48,17 @@ pub(crate) fn encode(key: &str, value: &Value, max_bytes: usize) -> Result<Strin
 /// Used where a write is accepted now and encoded later (the write-behind
 /// cache), so that a value that can never be stored is refused by `put`
 /// instead of failing the flusher forever.
-pub(crate) fn validate(key: &str, value: &Value, max_bytes: usize) -> Result<(), StoreError> {
+/// Returns the size of the text [`encode`] would produce.
+pub(crate) fn validate(key: &str, value: &Value, max_bytes: usize) -> Result<usize, StoreError> {
     let shape = checked_shape(key, value)?;
     if needs_envelope(value, &shape) {
         // Rare: measure the envelope exactly by building it.
-        return encode_shaped(key, value, &shape, max_bytes).map(drop);
+        return encode_shaped(key, value, &shape, max_bytes).map(|text| text.len());
     }
     let mut counter = ByteCounter(0);
     serde_json::to_writer(&mut counter, value).map_err(|source| serialize_error(key, source))?;
-    within_limit(key, counter.0, max_bytes)
+    within_limit(key, counter.0, max_bytes)?;
+    Ok(counter.0)
 }
 
 /// The value's shape, once it is known not to be nested too deeply.
@@ -258,7 +260,7 @@ mod tests {
         for value in cases {
             for limit in [10, 52, 60, 100, usize::MAX] {
                 let encoded = encode("k", &value, limit)
-                    .map(|_| ())
+                    .map(|text| text.len())
                     .map_err(|e| e.to_string());
                 let validated = validate("k", &value, limit).map_err(|e| e.to_string());
                 assert_eq!(validated, encoded, "{value} at limit {limit}");

@@ -128,6 +128,7 @@ pub enum Durability {
 /// | [`durability`](Self::durability) | [`Durability::GroupCommit`] | when a write returns |
 /// | [`flush_interval`](Self::flush_interval) | 1 s | write-behind: longest time a write waits for the flusher |
 /// | [`max_batch`](Self::max_batch) | 1,000 | most keys per transaction; write-behind also flushes as soon as this many are dirty |
+/// | [`max_batch_bytes`](Self::max_batch_bytes) | 32 MiB | most encoded bytes (values and keys) per transaction; a larger single write goes alone |
 /// | [`max_pending`](Self::max_pending) | 100,000 | most dirty keys held in memory |
 /// | [`put_timeout`](Self::put_timeout) | 5 s | how long a write waits for room when `max_pending` keys are dirty |
 /// | [`cache_capacity`](Self::cache_capacity) | 100,000 | most clean (persisted) entries kept for reads |
@@ -150,6 +151,7 @@ pub struct CacheOptions {
     durability: Durability,
     flush_interval: Duration,
     max_batch: usize,
+    max_batch_bytes: usize,
     max_pending: usize,
     put_timeout: Duration,
     cache_capacity: usize,
@@ -164,6 +166,7 @@ impl Default for CacheOptions {
             durability: Durability::default(),
             flush_interval: Duration::from_secs(1),
             max_batch: 1_000,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_pending: 100_000,
             put_timeout: Duration::from_secs(5),
             cache_capacity: 100_000,
@@ -172,6 +175,11 @@ impl Default for CacheOptions {
         }
     }
 }
+
+/// Default of [`CacheOptions::max_batch_bytes`]: 32 MiB, far below the
+/// 1 GiB PostgreSQL accepts in one message, and twice the largest value a
+/// store accepts by default.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 /// First delay of the flusher's backoff after a failed batch; it doubles on
 /// each further failure up to [`CacheOptions::retry_backoff_max`].
@@ -205,6 +213,11 @@ option_accessors! {
     /// Most keys written per transaction (one multi-row upsert plus one
     /// batched delete). Must be at least 1.
     max_batch / get_max_batch: usize;
+    /// Most encoded bytes (JSON values and keys) per transaction. PostgreSQL
+    /// refuses a message over 1 GiB and a large batch holds locks and
+    /// memory longer, so batches are cut by size as well as by keys; a single
+    /// write larger than this goes alone. Must be at least 1.
+    max_batch_bytes / get_max_batch_bytes: usize;
     /// Most dirty (not yet persisted) keys held in memory. A write that would
     /// exceed it waits up to `put_timeout` for the flusher, then fails; it is
     /// never dropped silently. Must be at least 1.
@@ -251,6 +264,8 @@ impl CacheOptions {
             Some("flush_interval must be greater than zero")
         } else if self.max_batch == 0 {
             Some("max_batch must be at least 1")
+        } else if self.max_batch_bytes == 0 {
+            Some("max_batch_bytes must be at least 1")
         } else if self.max_pending == 0 {
             Some("max_pending must be at least 1")
         } else if self.retry_backoff_max.is_zero() {
@@ -303,6 +318,7 @@ mod tests {
         for (bad, rule) in [
             (CacheOptions::new().flush_interval(zero), "flush_interval"),
             (CacheOptions::new().max_batch(0), "max_batch"),
+            (CacheOptions::new().max_batch_bytes(0), "max_batch_bytes"),
             (CacheOptions::new().max_pending(0), "max_pending"),
             (
                 CacheOptions::new().retry_backoff_max(zero),

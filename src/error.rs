@@ -71,6 +71,9 @@ pub(crate) enum StoreError {
         op: &'static str,
         table: String,
         reason: String,
+        /// The server refused the statement because of the rows it carries
+        /// (see [`refuses_rows`]).
+        refused: bool,
     },
 
     #[error(
@@ -78,6 +81,14 @@ pub(crate) enum StoreError {
          expected (key TEXT PRIMARY KEY, value JSONB NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW())"
     )]
     Layout { table: String, problem: String },
+}
+
+impl StoreError {
+    /// Whether the statement failed because of the rows it carried, so that
+    /// the same rows will fail again and other rows may not.
+    pub(crate) fn refuses_rows(&self) -> bool {
+        matches!(self, StoreError::Query { refused: true, .. })
+    }
 }
 
 impl From<StoreError> for FaucetError {
@@ -177,6 +188,26 @@ pub(crate) fn is_connection_lost(err: &sqlx::Error) -> bool {
             .is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P02"),
         _ => false,
     }
+}
+
+/// Errors that depend on the rows a statement carries: the server refused a
+/// value (class 22, data exception: a character the database encoding cannot
+/// hold, a number out of range), a constraint refused a row (class 23), a
+/// trigger raised an error (class P0), a limit was exceeded (class 54), or
+/// the statement ran past `statement_timeout` (57014), which a smaller batch
+/// may not. The same rows fail the same way again; other rows may succeed.
+///
+/// Everything else (a lost connection, a deadlock, a missing table, a
+/// read-only server, a missing privilege) does not depend on which rows were
+/// sent, so splitting the batch would not help.
+pub(crate) fn refuses_rows(err: &sqlx::Error) -> bool {
+    sqlstate(err).is_some_and(|code| {
+        code == "57014"
+            || code.starts_with("22")
+            || code.starts_with("23")
+            || code.starts_with("54")
+            || code.starts_with("P0")
+    })
 }
 
 /// SQLSTATE of a database error, when the error came from the server.

@@ -1,9 +1,11 @@
 //! The background task that persists dirty keys in batches.
 //!
 //! The flusher works in *rounds*. A round takes every queued dirty key,
-//! writes them in chunks of at most `max_batch` keys (one atomic
-//! `write_batch` each), and then publishes that it ended, and whether every
-//! chunk committed. Rounds never overlap, so per key the values written only
+//! writes them in batches of at most `max_batch` keys and `max_batch_bytes`
+//! bytes (one atomic `write_batch` each), and then publishes that it ended,
+//! and whether every batch committed. A batch the server refuses because of
+//! a row it holds is split until that row stands alone; the row's key is
+//! parked (see `cache.rs`) and the rest commits in the same round. Rounds never overlap, so per key the values written only
 //! ever move forward.
 //!
 //! Waiting for durability rests on one fact: a write made while round `r` is
@@ -15,14 +17,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use faucet_core::FaucetError;
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::backend::StateBackend;
-use crate::cache::Cache;
+use crate::backend::{BatchError, StateBackend};
+use crate::cache::{Cache, DirtyEntry};
 use crate::config::{CacheOptions, Durability, RETRY_BACKOFF_START};
 use crate::stats::Counters;
 
@@ -54,6 +58,10 @@ pub(crate) struct Engine<B> {
     pub shutting_down: AtomicBool,
     /// The flusher task has ended, for whatever reason.
     pub stopped: AtomicBool,
+    /// Queued keys that make a round due at once: `max_batch`, or
+    /// `max_pending` when that is smaller (a full buffer must be flushed
+    /// however small it is).
+    pub flush_threshold: usize,
 }
 
 /// How a wait for a round ended.
@@ -70,13 +78,14 @@ impl<B: StateBackend> Engine<B> {
             backend,
             cache: Cache::new(options.get_max_pending(), options.get_cache_capacity()),
             counters: Counters::new(options.get_name()),
-            options,
 
             wake: Notify::new(),
             progress: watch::channel(Progress::default()).0,
             requested: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            flush_threshold: options.get_max_batch().min(options.get_max_pending()),
+            options,
         }
     }
 
@@ -131,42 +140,60 @@ pub(crate) async fn run<B: StateBackend>(engine: Arc<Engine<B>>) {
             Ok(()) => None,
             Err(()) => Some(
                 backoff
-                    .map_or(RETRY_BACKOFF_START, |previous| previous * 2)
+                    .map_or(RETRY_BACKOFF_START, |previous| previous.saturating_mul(2))
                     .min(engine.options.get_retry_backoff_max()),
             ),
         };
     }
 }
 
-/// Sleeps until a round is due: requested by a waiter, enough dirty keys,
-/// group commit with anything dirty, shutdown, or the flush interval.
+/// Sleeps until a round is due: requested by a waiter, enough queued keys,
+/// group commit with anything queued, a parked key due for its retry,
+/// shutdown, or the flush interval.
 async fn wait_for_work<B: StateBackend>(engine: &Engine<B>) {
     let interval = engine.options.get_flush_interval();
-    let mut deadline = tokio::time::Instant::now() + interval;
+    let mut deadline = deadline_after(interval);
     loop {
-        let dirty = engine.cache.dirty_len();
+        let cache = &engine.cache;
+        let queued = cache.queued_len();
+        let next_retry = cache.next_retry();
+        let now = Instant::now();
+        let shutting_down = engine.shutting_down.load(Ordering::SeqCst);
         let due = engine.requested.load(Ordering::SeqCst) > engine.progress.borrow().ended
-            || engine.shutting_down.load(Ordering::SeqCst)
-            || dirty >= engine.options.get_max_batch()
-            || (dirty > 0 && engine.options.get_durability() == Durability::GroupCommit);
+            || next_retry.is_some_and(|at| at <= now)
+            || queued >= engine.flush_threshold
+            || (queued > 0
+                && (shutting_down || engine.options.get_durability() == Durability::GroupCommit))
+            || (shutting_down && cache.dirty_len() == 0);
         if due {
             if engine.options.get_durability() == Durability::GroupCommit {
                 let_writers_catch_up(engine).await;
             }
             return;
         }
+        let wake_at = next_retry.map_or(deadline, |at| at.min(deadline));
         // `notify_one` leaves a permit when nobody waits, so a wake-up sent
         // between the check above and this wait is not lost.
         tokio::select! {
             () = engine.wake.notified() => {}
-            () = tokio::time::sleep_until(deadline) => {
-                if engine.cache.dirty_len() > 0 {
-                    return;
+            () = tokio::time::sleep_until(wake_at) => {
+                if Instant::now() >= deadline {
+                    if engine.cache.queued_len() > 0 {
+                        return;
+                    }
+                    deadline = deadline_after(interval);
                 }
-                deadline = tokio::time::Instant::now() + interval;
             }
         }
     }
+}
+
+/// `now + after`, saturating far in the future instead of overflowing (an
+/// interval of `Duration::MAX` means "never").
+pub(crate) fn deadline_after(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// Group commit: the writers woken by the previous commit are runnable right
@@ -174,11 +201,11 @@ async fn wait_for_work<B: StateBackend>(engine: &Engine<B>) {
 /// starting a round with only the first of them and making the rest wait a
 /// whole extra round trip. No timer: once nobody stages, it goes at once.
 async fn let_writers_catch_up<B: StateBackend>(engine: &Engine<B>) {
-    let mut staged = engine.cache.dirty_len();
+    let mut staged = engine.cache.queued_len();
     let mut idle_passes = 0;
     for _ in 0..32 {
         tokio::task::yield_now().await;
-        let now = engine.cache.dirty_len();
+        let now = engine.cache.queued_len();
         if now >= engine.options.get_max_batch() {
             return;
         }
@@ -195,25 +222,51 @@ async fn let_writers_catch_up<B: StateBackend>(engine: &Engine<B>) {
     }
 }
 
-/// One round: every queued key, in chunks of `max_batch`. On the first
-/// failed chunk, that chunk's keys and all later ones go back on the queue.
+/// The writes of one batch, in key order, as they were when the round took
+/// them.
+type Batch = Vec<(String, DirtyEntry)>;
+
+/// One round: every queued key, in batches of at most `max_batch` keys and
+/// `max_batch_bytes` bytes, then each parked key that is due, alone.
+///
+/// A batch the backend refuses is split in halves, and the halves are
+/// written in turn, until each refused write stands alone: that key is
+/// parked and reported, everything else commits in this round. A transient
+/// failure ends the round: that batch and every later one go back on the
+/// queue, and the flusher backs off.
 async fn run_round<B: StateBackend>(engine: &Engine<B>) -> Result<(), ()> {
-    let (round, keys) = engine.cache.take_round();
+    let (round, mut keys, retries) = engine.cache.take_round();
+    // Rows are written in key order, so that two stores sharing a table lock
+    // rows in the same order and cannot deadlock each other.
+    keys.sort_unstable();
+    let mut pending = batches(engine, keys);
+    pending.extend(batches_of_one(engine, retries));
+    // A stack: the next batch to write is on top.
+    pending.reverse();
     let mut outcome: Result<(), Arc<str>> = Ok(());
-    let mut chunks = keys.chunks(engine.options.get_max_batch());
-    while let Some(chunk) = chunks.next() {
-        if let Err(error) = write_chunk(engine, chunk).await {
-            let retried = chunk.len() + chunks.clone().map(<[String]>::len).sum::<usize>();
-            tracing::warn!(
-                %error,
-                keys = retried,
-                "faucet-state-postgres: flushing a batch failed; the keys stay dirty and will be retried"
-            );
-            engine
-                .cache
-                .requeue(chunk.iter().chain(chunks.flatten()).cloned());
-            outcome = Err(error);
-            break;
+    while let Some(batch) = pending.pop() {
+        match write_batch(engine, &batch).await {
+            Ok(()) => {}
+            Err(BatchError::Refused(error)) if batch.len() > 1 => {
+                tracing::debug!(%error, keys = batch.len(), "faucet-state-postgres: a batch was refused; splitting it");
+                let mut left = batch;
+                let right = left.split_off(left.len() / 2);
+                pending.push(right);
+                pending.push(left);
+            }
+            Err(BatchError::Refused(error)) => park(engine, batch, &error),
+            Err(BatchError::Transient(error)) => {
+                let retried = batch.len() + pending.iter().map(Vec::len).sum::<usize>();
+                tracing::warn!(
+                    %error,
+                    keys = retried,
+                    "faucet-state-postgres: flushing a batch failed; the keys stay dirty and will be retried"
+                );
+                let requeued = std::iter::once(batch).chain(pending.drain(..));
+                engine.cache.requeue(requeued.flatten().map(|(key, _)| key));
+                outcome = Err(Arc::from(error.to_string()));
+                break;
+            }
         }
     }
     engine.cache.round_ended();
@@ -229,28 +282,79 @@ async fn run_round<B: StateBackend>(engine: &Engine<B>) -> Result<(), ()> {
     if ok { Ok(()) } else { Err(()) }
 }
 
-/// Writes one chunk as one batch and marks what it carried as committed.
-async fn write_chunk<B: StateBackend>(engine: &Engine<B>, keys: &[String]) -> Result<(), Arc<str>> {
-    // Rows are written in key order, so that two stores sharing a table lock
-    // rows in the same order and cannot deadlock each other.
-    let mut keys: Vec<&String> = keys.iter().collect();
-    keys.sort_unstable();
-    let mut upserts: Vec<(String, Arc<Value>)> = Vec::with_capacity(keys.len());
-    let mut deletes: Vec<String> = Vec::new();
-    let mut versions: Vec<(&str, u64)> = Vec::with_capacity(keys.len());
+/// Cuts the dirty writes of `keys` (sorted) into batches of at most
+/// `max_batch` keys and `max_batch_bytes` encoded bytes; a write larger than
+/// `max_batch_bytes` goes alone.
+fn batches<B: StateBackend>(engine: &Engine<B>, keys: Vec<String>) -> Vec<Batch> {
+    let max_keys = engine.options.get_max_batch();
+    let max_bytes = engine.options.get_max_batch_bytes();
+    let mut batches = Vec::new();
+    let mut current: Batch = Vec::new();
+    let mut bytes = 0usize;
     for key in keys {
         // Invariant 2 of the cache: a queued key is dirty.
-        let Some(entry) = engine.cache.dirty_entry(key) else {
+        let Some(entry) = engine.cache.dirty_entry(&key) else {
             continue;
         };
-        versions.push((key, entry.version));
-        match entry.value {
-            Some(value) => upserts.push((key.clone(), value)),
+        let full = current.len() >= max_keys || bytes.saturating_add(entry.bytes) > max_bytes;
+        if full && !current.is_empty() {
+            batches.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(entry.bytes);
+        current.push((key, entry));
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+fn batches_of_one<B: StateBackend>(
+    engine: &Engine<B>,
+    keys: Vec<String>,
+) -> impl Iterator<Item = Batch> + '_ {
+    keys.into_iter().filter_map(|key| {
+        let entry = engine.cache.dirty_entry(&key)?;
+        Some(vec![(key, entry)])
+    })
+}
+
+/// The backend refused this one write: park the key until its retry time,
+/// and say so, naming the key and the server's reason.
+fn park<B: StateBackend>(engine: &Engine<B>, batch: Batch, error: &FaucetError) {
+    let Some((key, entry)) = batch.into_iter().next() else {
+        return;
+    };
+    let reason: Arc<str> = Arc::from(error.to_string());
+    let retry_in = engine.options.get_retry_backoff_max();
+    if engine.cache.refused(
+        &key,
+        entry.version,
+        reason.clone(),
+        deadline_after(retry_in),
+    ) {
+        engine.counters.record_refusal();
+        tracing::warn!(
+            key = %key,
+            error = %reason,
+            retry_in = ?retry_in,
+            "faucet-state-postgres: the server refused the write of a key; it stays pending, \
+             blocks no other key and is retried alone; a newer write of the key replaces it"
+        );
+    }
+}
+
+/// Writes one batch in one `write_batch` call and marks what it carried as
+/// committed.
+async fn write_batch<B: StateBackend>(engine: &Engine<B>, batch: &Batch) -> Result<(), BatchError> {
+    let mut upserts: Vec<(String, Arc<Value>)> = Vec::with_capacity(batch.len());
+    let mut deletes: Vec<String> = Vec::new();
+    for (key, entry) in batch {
+        match &entry.value {
+            Some(value) => upserts.push((key.clone(), value.clone())),
             None => deletes.push(key.clone()),
         }
-    }
-    if versions.is_empty() {
-        return Ok(());
     }
     let span = tracing::info_span!(
         "faucet_state.flush",
@@ -270,14 +374,13 @@ async fn write_chunk<B: StateBackend>(engine: &Engine<B>, keys: &[String]) -> Re
     span.record("elapsed_ms", elapsed.as_millis() as u64);
     if let Err(error) = written {
         span.record("outcome", "failed");
-        let message = error.to_string();
-        engine.counters.record_failure(message.clone(), elapsed);
-        return Err(Arc::from(message));
+        engine.counters.record_failure(error.to_string(), elapsed);
+        return Err(error);
     }
     span.record("outcome", "committed");
-    engine.counters.record_batch(versions.len(), elapsed);
-    for (key, version) in versions {
-        engine.cache.committed(key, version, &engine.counters);
+    engine.counters.record_batch(batch.len(), elapsed);
+    for (key, entry) in batch {
+        engine.cache.committed(key, entry.version, &engine.counters);
     }
     Ok(())
 }

@@ -186,14 +186,15 @@ mod settings;
 mod sql;
 mod stats;
 
-pub use backend::StateBackend;
+pub use backend::{BatchError, StateBackend};
 pub use cached::CachedStateStore;
 pub use codec::{ENVELOPE_KEY, MAX_DEPTH};
 pub use config::{
-    CacheOptions, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_VALUE_BYTES, DEFAULT_TABLE, Durability,
+    CacheOptions, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_TABLE, Durability,
 };
 pub use connect::redact_url;
 pub use memory::{MemoryBackend, Pause};
 pub use pg::PostgresStateStore;
 pub use settings::PostgresStateConfig;
-pub use stats::{CacheStats, metric_names};
+pub use stats::{CacheStats, RefusedWrite, metric_names};

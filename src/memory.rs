@@ -1,6 +1,6 @@
 //! An in-memory [`StateBackend`] with failure and delay injection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use faucet_core::state::validate_state_key;
 use serde_json::Value;
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock, watch};
 
-use crate::backend::StateBackend;
+use crate::backend::{BatchError, StateBackend};
 use crate::codec;
 use crate::config::DEFAULT_MAX_VALUE_BYTES;
 use crate::lock::lock;
@@ -50,7 +50,8 @@ pub struct MemoryBackend {
     load_gate: Arc<RwLock<()>>,
     attempts: watch::Sender<u64>,
     loads: watch::Sender<u64>,
-    committed: Mutex<Vec<usize>>,
+    /// Rows and encoded bytes (values and keys) of each committed batch.
+    committed: Mutex<Vec<(usize, usize)>>,
     max_value_bytes: usize,
 }
 
@@ -60,6 +61,8 @@ struct Faults {
     fail_next_writes: usize,
     unavailable: bool,
     write_delay: Duration,
+    /// Keys whose upserts are refused, as a constraint or trigger would.
+    refused_keys: HashSet<String>,
 }
 
 /// Holds every batch write (or every read) of a [`MemoryBackend`] in flight
@@ -111,6 +114,18 @@ impl MemoryBackend {
         lock(&self.faults).unavailable = unavailable;
     }
 
+    /// Refuses every batch that upserts `key`, as a constraint, a trigger or
+    /// an encoding that cannot hold the value would: the batch fails with
+    /// [`BatchError::Refused`] and applies nothing.
+    pub fn refuse_key(&self, key: &str) {
+        lock(&self.faults).refused_keys.insert(key.to_owned());
+    }
+
+    /// Stops refusing `key` (see [`refuse_key`](Self::refuse_key)).
+    pub fn accept_key(&self, key: &str) {
+        lock(&self.faults).refused_keys.remove(key);
+    }
+
     /// Makes every batch write take at least `delay` before it commits.
     pub fn set_write_delay(&self, delay: Duration) {
         lock(&self.faults).write_delay = delay;
@@ -155,7 +170,19 @@ impl MemoryBackend {
     /// The number of rows (upserts plus deletes) in each committed batch, in
     /// commit order.
     pub fn committed_batches(&self) -> Vec<usize> {
-        lock(&self.committed).clone()
+        lock(&self.committed)
+            .iter()
+            .map(|&(rows, _)| rows)
+            .collect()
+    }
+
+    /// The encoded size of each committed batch, in commit order: the JSON
+    /// text of every upserted value plus every key, upserted or deleted.
+    pub fn committed_batch_bytes(&self) -> Vec<usize> {
+        lock(&self.committed)
+            .iter()
+            .map(|&(_, bytes)| bytes)
+            .collect()
     }
 
     /// Reads performed through [`StateBackend::load`].
@@ -174,13 +201,15 @@ impl MemoryBackend {
     }
 }
 
-fn unavailable() -> FaucetError {
-    FaucetError::State("memory backend is unavailable (fault injected)".to_owned())
+fn unavailable() -> BatchError {
+    BatchError::Transient(FaucetError::State(
+        "memory backend is unavailable (fault injected)".to_owned(),
+    ))
 }
 
 #[async_trait]
 impl StateBackend for MemoryBackend {
-    fn validate(&self, key: &str, value: &Value) -> Result<(), FaucetError> {
+    fn validate(&self, key: &str, value: &Value) -> Result<usize, FaucetError> {
         validate_state_key(key)?;
         Ok(codec::validate(key, value, self.max_value_bytes)?)
     }
@@ -189,7 +218,7 @@ impl StateBackend for MemoryBackend {
         validate_state_key(key)?;
         if lock(&self.faults).unavailable {
             self.loads.send_modify(|n| *n += 1);
-            return Err(unavailable());
+            return Err(unavailable().into_error());
         }
         let row = lock(&self.rows).get(key).cloned();
         self.loads.send_modify(|n| *n += 1);
@@ -201,7 +230,7 @@ impl StateBackend for MemoryBackend {
         &self,
         upserts: &[(String, Arc<Value>)],
         deletes: &[String],
-    ) -> Result<(), FaucetError> {
+    ) -> Result<(), BatchError> {
         self.attempts.send_modify(|n| *n += 1);
         let _open = self.gate.read().await;
         let delay = lock(&self.faults).write_delay;
@@ -219,19 +248,30 @@ impl StateBackend for MemoryBackend {
             }
             if faults.fail_next_writes > 0 {
                 faults.fail_next_writes -= 1;
-                return Err(FaucetError::State(
+                return Err(BatchError::Transient(FaucetError::State(
                     "memory backend write failed (fault injected)".to_owned(),
-                ));
+                )));
+            }
+            if let Some((key, _)) = upserts
+                .iter()
+                .find(|(key, _)| faults.refused_keys.contains(key))
+            {
+                return Err(BatchError::Refused(FaucetError::State(format!(
+                    "memory backend refused the value of key '{key}' (fault injected)"
+                ))));
             }
         }
         let mut rows = lock(&self.rows);
+        let mut bytes = 0;
         for (key, value) in upserts {
+            bytes += key.len() + value.to_string().len();
             rows.insert(key.clone(), Value::clone(value));
         }
         for key in deletes {
+            bytes += key.len();
             rows.remove(key);
         }
-        lock(&self.committed).push(upserts.len() + deletes.len());
+        lock(&self.committed).push((upserts.len() + deletes.len(), bytes));
         Ok(())
     }
 

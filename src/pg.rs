@@ -18,7 +18,7 @@ use crate::config::{
     validate_max_connections, validate_prefix,
 };
 use crate::connect::connect_pool;
-use crate::error::{StoreError, describe_sqlx, is_connection_lost};
+use crate::error::{StoreError, describe_sqlx, is_connection_lost, refuses_rows};
 use crate::sql::Statements;
 use crate::{probe, schema};
 
@@ -330,6 +330,7 @@ impl PostgresStateStore {
             op,
             table: self.table().to_owned(),
             reason: describe_sqlx(&e),
+            refused: refuses_rows(&e),
         })
     }
 }

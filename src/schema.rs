@@ -20,7 +20,7 @@ pub(crate) enum Layout {
 /// Reads the table's columns and key index from the catalog. Needs no
 /// privilege on the table itself, so it also works for a read-only role.
 pub(crate) async fn inspect(pool: &PgPool, table: &TableName) -> Result<Layout, sqlx::Error> {
-    let columns: Vec<(String, String, bool)> = sqlx::query_as(sql::TABLE_COLUMNS)
+    let columns: Vec<(String, String, bool, bool)> = sqlx::query_as(sql::TABLE_COLUMNS)
         .bind(table.quoted())
         .fetch_all(pool)
         .await?;
@@ -33,9 +33,9 @@ pub(crate) async fn inspect(pool: &PgPool, table: &TableName) -> Result<Layout, 
         ("updated_at", "timestamp with time zone"),
     ];
     for (name, ty) in EXPECTED {
-        match columns.iter().find(|(column, _, _)| column == name) {
+        match columns.iter().find(|(column, ..)| column == name) {
             None => return Ok(Layout::Wrong(format!("column {name} is missing"))),
-            Some((_, actual, _)) if actual != ty => {
+            Some((_, actual, ..)) if actual != ty => {
                 return Ok(Layout::Wrong(format!(
                     "column {name} is {actual}, expected {ty}"
                 )));
@@ -43,14 +43,28 @@ pub(crate) async fn inspect(pool: &PgPool, table: &TableName) -> Result<Layout, 
             Some(_) => {}
         }
     }
-    let key_is_unique: bool = sqlx::query_scalar(sql::KEY_IS_UNIQUE)
+    // The store inserts only the three columns: another NOT NULL column with
+    // no value of its own would make every insert fail.
+    if let Some((name, ..)) = columns.iter().find(|(name, _, not_null, has_default)| {
+        *not_null && !*has_default && !EXPECTED.iter().any(|(expected, _)| expected == name)
+    }) {
+        return Ok(Layout::Wrong(format!(
+            "column {name} is NOT NULL without a default, so every insert by the store would fail; \
+             give it a default or drop NOT NULL"
+        )));
+    }
+    let (immediate, deferrable): (bool, bool) = sqlx::query_as(sql::KEY_IS_UNIQUE)
         .bind(table.quoted())
         .fetch_one(pool)
         .await?;
-    if !key_is_unique {
-        return Ok(Layout::Wrong(
-            "column key is neither the primary key nor uniquely indexed".to_owned(),
-        ));
+    if !immediate {
+        return Ok(Layout::Wrong(if deferrable {
+            "the unique key on column key is DEFERRABLE, which INSERT ... ON CONFLICT cannot use; \
+             make it NOT DEFERRABLE"
+                .to_owned()
+        } else {
+            "column key is neither the primary key nor uniquely indexed".to_owned()
+        }));
     }
     Ok(Layout::Ready)
 }
@@ -65,6 +79,7 @@ pub(crate) async fn ensure(pool: &PgPool, table: &TableName) -> Result<(), Store
         op: "ensure_table",
         table: table.as_str().to_owned(),
         reason: describe_sqlx(&e),
+        refused: false,
     };
     match inspect(pool, table).await.map_err(query_error)? {
         Layout::Ready => return Ok(()),
@@ -90,6 +105,7 @@ pub(crate) async fn ensure(pool: &PgPool, table: &TableName) -> Result<(), Store
                  `{ddl}` and grant this role SELECT, INSERT, UPDATE and DELETE on it",
                 crate::error::cause_of(&e)
             ),
+            refused: false,
         }),
         Err(e) => Err(query_error(e)),
     }

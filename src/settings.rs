@@ -38,7 +38,9 @@ use crate::{CachedStateStore, PostgresStateStore};
 #[serde(default, deny_unknown_fields)]
 pub struct PostgresStateConfig {
     /// Connection URL, e.g. `postgres://user:password@host:5432/database`.
-    /// Required.
+    /// Required. Serialized with its password replaced by `***` (see
+    /// [`redact_url`]), so a configuration can be logged or shown safely.
+    #[serde(serialize_with = "serialize_redacted")]
     pub url: String,
     /// Table name: 1 to 63 ASCII letters, digits or `_`. Default `faucet_state`.
     pub table: String,
@@ -53,6 +55,8 @@ pub struct PostgresStateConfig {
     pub flush_interval: Duration,
     /// Most keys per batch. Default 1000.
     pub max_batch: usize,
+    /// Most encoded bytes (values and keys) per batch. Default 33554432 (32 MiB).
+    pub max_batch_bytes: usize,
     /// Most dirty keys held in memory. Default 100000.
     pub max_pending: usize,
     /// How long a write waits for room when `max_pending` keys are dirty.
@@ -83,6 +87,7 @@ impl Default for PostgresStateConfig {
             mode: cache.get_durability(),
             flush_interval: cache.get_flush_interval(),
             max_batch: cache.get_max_batch(),
+            max_batch_bytes: cache.get_max_batch_bytes(),
             max_pending: cache.get_max_pending(),
             put_timeout: cache.get_put_timeout(),
             cache_capacity: cache.get_cache_capacity(),
@@ -120,6 +125,7 @@ impl PostgresStateConfig {
             .durability(self.mode)
             .flush_interval(self.flush_interval)
             .max_batch(self.max_batch)
+            .max_batch_bytes(self.max_batch_bytes)
             .max_pending(self.max_pending)
             .put_timeout(self.put_timeout)
             .cache_capacity(self.cache_capacity)
@@ -141,6 +147,10 @@ impl PostgresStateConfig {
     }
 }
 
+fn serialize_redacted<S: serde::Serializer>(url: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redact_url(url))
+}
+
 impl fmt::Debug for PostgresStateConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStateConfig")
@@ -151,6 +161,7 @@ impl fmt::Debug for PostgresStateConfig {
             .field("mode", &self.mode)
             .field("flush_interval", &self.flush_interval)
             .field("max_batch", &self.max_batch)
+            .field("max_batch_bytes", &self.max_batch_bytes)
             .field("max_pending", &self.max_pending)
             .field("put_timeout", &self.put_timeout)
             .field("cache_capacity", &self.cache_capacity)

@@ -75,20 +75,25 @@ pub(crate) fn create_table_sql(table: &TableName) -> String {
     )
 }
 
-/// `$1` quoted table name → (column, type, not null) of each live column;
-/// no rows when the table does not exist.
-pub(crate) const TABLE_COLUMNS: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull \
+/// `$1` quoted table name → (column, type, not null, has a value of its own
+/// on insert: a default, an identity or a generated expression) of each live
+/// column; no rows when the table does not exist.
+pub(crate) const TABLE_COLUMNS: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+     (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') \
      FROM pg_attribute a \
      WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
      ORDER BY a.attnum";
 
 /// `$1` quoted table name → whether `key` alone is the primary key or a
-/// unique index, which `ON CONFLICT (key)` needs.
-pub(crate) const KEY_IS_UNIQUE: &str = "SELECT EXISTS (\
-     SELECT 1 FROM pg_index i \
+/// unique index that is checked immediately, which `ON CONFLICT (key)`
+/// needs, and whether it only has a deferrable one, which `ON CONFLICT`
+/// cannot use as its arbiter.
+pub(crate) const KEY_IS_UNIQUE: &str = "SELECT \
+     COALESCE(bool_or(i.indimmediate), false), COALESCE(bool_or(NOT i.indimmediate), false) \
+     FROM pg_index i \
      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
      WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indnatts = 1 \
-     AND i.indpred IS NULL AND a.attname = 'key')";
+     AND i.indpred IS NULL AND a.attname = 'key'";
 
 /// Who the probe is connected as, and where.
 pub(crate) const WHOAMI: &str = "SELECT current_user::text, current_database()::text";

@@ -39,6 +39,24 @@ pub struct CacheStats {
     pub cache_misses: u64,
     /// Clean entries evicted to respect `cache_capacity`.
     pub evictions: u64,
+    /// Writes the server refused (each counted once per refusal, retries
+    /// included).
+    pub refusals: u64,
+    /// The writes the server refused that are still pending, in key order:
+    /// each is retried alone every `retry_backoff_max` until it commits or a
+    /// newer write of its key replaces it.
+    pub refused_writes: Vec<RefusedWrite>,
+}
+
+/// A write the server refused because of its value (an encoding that cannot
+/// hold it, a constraint, a trigger), reported by
+/// [`CacheStats::refused_writes`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefusedWrite {
+    /// The key whose write was refused.
+    pub key: String,
+    /// The server's reason, as the error of the refused statement.
+    pub reason: String,
 }
 
 /// Names of the metrics the cached store reports through the
@@ -68,6 +86,8 @@ pub mod metric_names {
     pub const CACHE_HITS: &str = "faucet_state_cache_hits_total";
     /// Counter: `get` calls that read the backend.
     pub const CACHE_MISSES: &str = "faucet_state_cache_misses_total";
+    /// Counter: writes the server refused (each retry counts again).
+    pub const REFUSALS: &str = "faucet_state_refused_writes_total";
 }
 
 /// The engine's counters: atomics for [`CacheStats`], and the same events
@@ -84,6 +104,7 @@ pub(crate) struct Counters {
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
+    refusals: AtomicU64,
     last_error: Mutex<Option<String>>,
     instruments: Instruments,
 }
@@ -99,6 +120,7 @@ struct Instruments {
     dirty_keys: Gauge,
     hits: Counter,
     misses: Counter,
+    refusals: Counter,
 }
 
 impl std::fmt::Debug for Instruments {
@@ -124,6 +146,7 @@ impl Counters {
             hits: AtomicU64::default(),
             misses: AtomicU64::default(),
             evictions: AtomicU64::default(),
+            refusals: AtomicU64::default(),
             last_error: Mutex::default(),
             instruments: Instruments {
                 puts: counter!(metric_names::PUTS, &labels),
@@ -136,6 +159,7 @@ impl Counters {
                 dirty_keys: gauge!(metric_names::DIRTY_KEYS, &labels),
                 hits: counter!(metric_names::CACHE_HITS, &labels),
                 misses: counter!(metric_names::CACHE_MISSES, &labels),
+                refusals: counter!(metric_names::REFUSALS, &labels),
             },
         }
     }
@@ -169,6 +193,11 @@ impl Counters {
         bump(&self.evictions);
     }
 
+    pub(crate) fn record_refusal(&self) {
+        bump(&self.refusals);
+        self.instruments.refusals.increment(1);
+    }
+
     pub(crate) fn dirty_keys(&self, dirty: usize) {
         self.instruments.dirty_keys.set(dirty as f64);
     }
@@ -192,7 +221,12 @@ impl Counters {
         lock(&self.last_error).clone()
     }
 
-    pub(crate) fn snapshot(&self, dirty_keys: usize, cached_keys: usize) -> CacheStats {
+    pub(crate) fn snapshot(
+        &self,
+        dirty_keys: usize,
+        cached_keys: usize,
+        refused_writes: Vec<RefusedWrite>,
+    ) -> CacheStats {
         let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CacheStats {
             dirty_keys,
@@ -207,6 +241,8 @@ impl Counters {
             cache_hits: read(&self.hits),
             cache_misses: read(&self.misses),
             evictions: read(&self.evictions),
+            refusals: read(&self.refusals),
+            refused_writes,
         }
     }
 }

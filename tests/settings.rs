@@ -116,6 +116,19 @@ fn debug_hides_the_password() {
     );
 }
 
+#[test]
+fn serializing_hides_the_password_too() {
+    let config = parse(json!({"url": "postgres://app:hunter2@db/app?password=hunter2"})).unwrap();
+    let written = serde_json::to_string(&config).unwrap();
+    assert!(
+        !written.contains("hunter2") && written.contains("app:***@db"),
+        "{written}"
+    );
+    // What was written still parses, with every other field kept.
+    let back: PostgresStateConfig = serde_json::from_str(&written).unwrap();
+    assert_eq!(back.max_batch_bytes, config.max_batch_bytes);
+}
+
 #[tokio::test]
 async fn a_config_builds_a_working_store() {
     let config = parse(json!({
