@@ -12,14 +12,19 @@ use faucet_core::check::{CheckContext, CheckReport, Probe};
 use faucet_core::state::{StateStore, validate_state_key};
 use serde_json::Value;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::PostgresStateStore;
 use crate::backend::{BatchError, StateBackend};
-use crate::cache::{Lookup, STRIPES};
+use crate::cache::{Cache, Lookup, STRIPES};
 use crate::config::{CacheOptions, Durability};
-use crate::flusher::{self, Engine, RoundOutcome};
+use crate::flusher::{self, Engine, RoundOutcome, deadline_after};
 use crate::lock::lock;
 use crate::stats::{CacheStats, RefusedWrite};
+
+/// How long `shutdown` waits, after its deadline, for an aborted flusher to
+/// reach its next await and stop.
+const ABORT_GRACE: Duration = Duration::from_millis(100);
 
 /// A [`StateStore`] that answers from memory and persists in batches.
 ///
@@ -165,20 +170,32 @@ impl<B: StateBackend> CachedStateStore<B> {
     /// # }
     /// ```
     pub async fn shutdown(&self) -> Result<(), FaucetError> {
+        // One deadline for all of it: waiting for admitted writes, the
+        // flusher's last rounds, and its end.
+        let deadline = deadline_after(self.engine.options.get_shutdown_timeout());
         self.closed.store(true, Ordering::SeqCst);
-        while self.writers.load(Ordering::SeqCst) > 0 {
+        while self.writers.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         self.engine.shutting_down.store(true, Ordering::SeqCst);
         self.engine.wake.notify_one();
-        let flusher = lock(&self.flusher).take();
-        if let Some(mut flusher) = flusher {
-            let deadline = self.engine.options.get_shutdown_timeout();
-            if tokio::time::timeout(deadline, &mut flusher).await.is_err() {
+        let mut progress = self.engine.progress.subscribe();
+        let ended = tokio::time::timeout_at(deadline, progress.wait_for(|p| p.stopped))
+            .await
+            .is_ok();
+        if !ended {
+            // The handle stays with the store, so a shutdown that is itself
+            // cancelled never detaches the flusher: Drop still aborts it.
+            if let Some(flusher) = lock(&self.flusher).as_ref() {
                 flusher.abort();
-                let _ = flusher.await;
             }
+            // Aborting takes effect at the flusher's next await, where it
+            // marks itself stopped.
+            let _ = tokio::time::timeout(ABORT_GRACE, progress.wait_for(|p| p.stopped)).await;
         }
+        // Every caller gets here only once the flusher has stopped (or could
+        // not be stopped), and later writes are refused, so every caller
+        // reads the same final state.
         self.nothing_left("shutdown")
     }
 
@@ -365,6 +382,14 @@ impl<B: StateBackend> CachedStateStore<B> {
         let stripe = self.engine.cache.stripe_of(key);
         let _in_order = self.write_through_locks[stripe].lock().await;
         let value = value.map(|v| Arc::new(v.clone()));
+        // If this future is dropped while the statement is in flight, the
+        // write may or may not have committed: the cached value can no longer
+        // be trusted, so the next read goes to the table.
+        let mut untrusted = InvalidateOnDrop {
+            cache: &self.engine.cache,
+            key,
+            armed: true,
+        };
         let started = std::time::Instant::now();
         let result = match &value {
             Some(value) => {
@@ -385,10 +410,11 @@ impl<B: StateBackend> CachedStateStore<B> {
                 let counters = &self.engine.counters;
                 counters.record_batch(1, started.elapsed());
                 self.engine.cache.store_clean(key, value, counters);
+                untrusted.armed = false;
                 Ok(())
             }
             Err(error) => {
-                self.engine.cache.invalidate(key);
+                // The guard invalidates the key as it goes out of scope.
                 let what = if value.is_some() { "write" } else { "delete" };
                 Err(FaucetError::State(match error {
                     BatchError::Refused(error) => {
@@ -464,7 +490,7 @@ impl<B: StateBackend> CachedStateStore<B> {
             .saturating_mul(2)
             .saturating_add(Duration::from_secs(10));
         let refused = self.refusal_summary();
-        if progress.stopped || lock(&self.flusher).is_none() {
+        if progress.stopped {
             Probe::fail_hint(
                 "flusher",
                 Duration::ZERO,
@@ -521,6 +547,21 @@ impl PostgresStateStore {
     }
 }
 
+/// Invalidates a key's cached value when dropped while armed.
+struct InvalidateOnDrop<'a> {
+    cache: &'a Cache,
+    key: &'a str,
+    armed: bool,
+}
+
+impl Drop for InvalidateOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cache.invalidate(self.key);
+        }
+    }
+}
+
 struct WriterGuard<'a>(&'a AtomicUsize);
 
 impl Drop for WriterGuard<'_> {
@@ -569,6 +610,9 @@ impl<B: StateBackend> Drop for CachedStateStore<B> {
     /// here (no await in `drop`): warn with their count, and stop the flusher
     /// so the task does not outlive the store.
     fn drop(&mut self) {
+        // Nothing is sent after this: the flusher checks the flag before each
+        // batch, and the abort ends it at its next await.
+        self.engine.abandoned.store(true, Ordering::SeqCst);
         let flusher = self
             .flusher
             .get_mut()

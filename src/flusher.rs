@@ -56,6 +56,8 @@ pub(crate) struct Engine<B> {
     /// ones too) until this one has ended.
     pub requested: AtomicU64,
     pub shutting_down: AtomicBool,
+    /// The store was dropped: send nothing more.
+    pub abandoned: AtomicBool,
     /// The flusher task has ended, for whatever reason.
     pub stopped: AtomicBool,
     /// Queued keys that make a round due at once: `max_batch`, or
@@ -83,6 +85,7 @@ impl<B: StateBackend> Engine<B> {
             progress: watch::channel(Progress::default()).0,
             requested: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             flush_threshold: options.get_max_batch().min(options.get_max_pending()),
             options,
@@ -364,6 +367,11 @@ async fn write_batch<B: StateBackend>(engine: &Engine<B>, batch: &Batch) -> Resu
         elapsed_ms = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
+    if engine.abandoned.load(Ordering::SeqCst) {
+        return Err(BatchError::Transient(FaucetError::State(
+            "the store was dropped; nothing more is written".to_owned(),
+        )));
+    }
     let started = Instant::now();
     let written = engine
         .backend

@@ -48,6 +48,9 @@ pub struct MemoryBackend {
     gate: Arc<RwLock<()>>,
     /// Like `gate`, for reads: held by [`pause_loads`](Self::pause_loads).
     load_gate: Arc<RwLock<()>>,
+    /// Like `gate`, after a batch committed and before it returns: held by
+    /// [`pause_after_commit`](Self::pause_after_commit).
+    ack_gate: Arc<RwLock<()>>,
     attempts: watch::Sender<u64>,
     loads: watch::Sender<u64>,
     /// Rows and encoded bytes (values and keys) of each committed batch.
@@ -79,6 +82,7 @@ impl Default for MemoryBackend {
             faults: Mutex::default(),
             gate: Arc::default(),
             load_gate: Arc::default(),
+            ack_gate: Arc::default(),
             attempts: watch::channel(0).0,
             loads: watch::channel(0).0,
             committed: Mutex::default(),
@@ -136,6 +140,15 @@ impl MemoryBackend {
     pub async fn pause_writes(&self) -> Pause {
         Pause {
             _guard: self.gate.clone().write_owned().await,
+        }
+    }
+
+    /// Lets every batch write commit, then holds it before it returns until
+    /// the returned guard is dropped: a write whose outcome its caller has
+    /// not seen yet, as when a connection stalls after the server committed.
+    pub async fn pause_after_commit(&self) -> Pause {
+        Pause {
+            _guard: self.ack_gate.clone().write_owned().await,
         }
     }
 
@@ -261,17 +274,20 @@ impl StateBackend for MemoryBackend {
                 ))));
             }
         }
-        let mut rows = lock(&self.rows);
         let mut bytes = 0;
-        for (key, value) in upserts {
-            bytes += key.len() + value.to_string().len();
-            rows.insert(key.clone(), Value::clone(value));
-        }
-        for key in deletes {
-            bytes += key.len();
-            rows.remove(key);
+        {
+            let mut rows = lock(&self.rows);
+            for (key, value) in upserts {
+                bytes += key.len() + value.to_string().len();
+                rows.insert(key.clone(), Value::clone(value));
+            }
+            for key in deletes {
+                bytes += key.len();
+                rows.remove(key);
+            }
         }
         lock(&self.committed).push((upserts.len() + deletes.len(), bytes));
+        let _acknowledge = self.ack_gate.read().await;
         Ok(())
     }
 
