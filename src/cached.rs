@@ -136,7 +136,18 @@ impl<B: StateBackend> CachedStateStore<B> {
     /// # }
     /// ```
     pub async fn flush(&self) -> Result<(), FaucetError> {
-        match self.engine.wait_for_durability().await {
+        let Ok(outcome) = self
+            .within_write_timeout(self.engine.wait_for_durability())
+            .await
+        else {
+            return Err(FaucetError::State(format!(
+                "flush: the writes were not committed within write_timeout ({:?}); {} keys stay \
+                 dirty and the flusher keeps retrying them; check the database's health and latency",
+                self.engine.options.get_write_timeout(),
+                self.engine.cache.dirty_len()
+            )));
+        };
+        match outcome {
             RoundOutcome::Committed => self.no_refusals("flush"),
             RoundOutcome::Failed(error) => Err(FaucetError::State(format!(
                 "flush failed: {error}; {} keys stay dirty and are retried",
@@ -312,7 +323,16 @@ impl<B: StateBackend> CachedStateStore<B> {
         let counters = &self.engine.counters;
         let durability = self.engine.options.get_durability();
         if durability == Durability::WriteThrough {
-            self.write_through(key, value).await?;
+            // Dropped on time-out: the guard in write_through invalidates the key.
+            self.within_write_timeout(self.write_through(key, value))
+                .await
+                .map_err(|_| {
+                    FaucetError::State(format!(
+                        "the write of key '{key}' got no answer within write_timeout ({:?}); it may \
+                         or may not have committed, so the key is read from the table next: retry it",
+                        self.engine.options.get_write_timeout()
+                    ))
+                })??;
             counters.write_accepted(value.is_some());
             return Ok(());
         }
@@ -349,7 +369,17 @@ impl<B: StateBackend> CachedStateStore<B> {
             }
             return Ok(());
         }
-        match self.engine.wait_for_durability().await {
+        let Ok(outcome) = self
+            .within_write_timeout(self.engine.wait_for_durability())
+            .await
+        else {
+            return Err(FaucetError::State(format!(
+                "the write of key '{key}' was not committed within write_timeout ({:?}); it stays \
+                 queued and the flusher keeps retrying it; check the database's health and latency",
+                self.engine.options.get_write_timeout()
+            )));
+        };
+        match outcome {
             RoundOutcome::Committed => match self.engine.cache.refusal_of(key, staged.version) {
                 None => Ok(()),
                 Some(reason) => Err(FaucetError::State(format!(
@@ -363,6 +393,17 @@ impl<B: StateBackend> CachedStateStore<B> {
             ))),
             RoundOutcome::Stopped => self.nothing_left("put"),
         }
+    }
+
+    async fn within_write_timeout<T>(
+        &self,
+        wait: impl std::future::Future<Output = T>,
+    ) -> Result<T, tokio::time::error::Elapsed> {
+        tokio::time::timeout_at(
+            deadline_after(self.engine.options.get_write_timeout()),
+            wait,
+        )
+        .await
     }
 
     /// Only a panic ends the flusher before shutdown; accepting more writes

@@ -131,6 +131,7 @@ pub enum Durability {
 /// | [`max_batch_bytes`](Self::max_batch_bytes) | 32 MiB | most encoded bytes (values and keys) per transaction; a larger single write goes alone |
 /// | [`max_pending`](Self::max_pending) | 100,000 | most dirty keys held in memory |
 /// | [`put_timeout`](Self::put_timeout) | 5 s | how long a write waits for room when `max_pending` keys are dirty |
+/// | [`write_timeout`](Self::write_timeout) | 30 s | how long a write-through or group-commit `put`/`delete`, or `flush()`, waits for its commit before it returns an error (the write stays queued) |
 /// | [`cache_capacity`](Self::cache_capacity) | 100,000 | most clean (persisted) entries kept for reads |
 /// | [`shutdown_timeout`](Self::shutdown_timeout) | 30 s | how long `shutdown()` keeps retrying to persist dirty keys |
 /// | [`retry_backoff_max`](Self::retry_backoff_max) | 5 s | cap of the flusher's exponential backoff after a failed batch (it starts at 50 ms) |
@@ -154,6 +155,7 @@ pub struct CacheOptions {
     max_batch_bytes: usize,
     max_pending: usize,
     put_timeout: Duration,
+    write_timeout: Duration,
     cache_capacity: usize,
     shutdown_timeout: Duration,
     retry_backoff_max: Duration,
@@ -169,6 +171,7 @@ impl Default for CacheOptions {
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_pending: 100_000,
             put_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(30),
             cache_capacity: 100_000,
             shutdown_timeout: Duration::from_secs(30),
             retry_backoff_max: Duration::from_secs(5),
@@ -224,6 +227,12 @@ option_accessors! {
     max_pending / get_max_pending: usize;
     /// How long a write waits for room when `max_pending` keys are dirty.
     put_timeout / get_put_timeout: Duration;
+    /// How long a write-through or group-commit `put`/`delete`, and
+    /// `flush()`, wait for their commit. Past it they return an error; a
+    /// buffered write stays queued and is retried by the flusher (a
+    /// write-through write may or may not have committed, and its key is
+    /// read from the table next).
+    write_timeout / get_write_timeout: Duration;
     /// Most clean entries (values known to be persisted, or known absent)
     /// kept for reads. Only clean entries are evicted, oldest first; 0 turns
     /// read caching off (dirty entries are always kept).

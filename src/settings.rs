@@ -63,6 +63,10 @@ pub struct PostgresStateConfig {
     /// Default `5s`.
     #[serde(with = "humantime_serde")]
     pub put_timeout: Duration,
+    /// How long a write-through or group-commit write, or `flush()`, waits
+    /// for its commit before returning an error. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// Most clean entries kept for reads; 0 turns read caching off.
     /// Default 100000.
     pub cache_capacity: usize,
@@ -90,6 +94,7 @@ impl Default for PostgresStateConfig {
             max_batch_bytes: cache.get_max_batch_bytes(),
             max_pending: cache.get_max_pending(),
             put_timeout: cache.get_put_timeout(),
+            write_timeout: cache.get_write_timeout(),
             cache_capacity: cache.get_cache_capacity(),
             shutdown_timeout: cache.get_shutdown_timeout(),
             retry_backoff_max: cache.get_retry_backoff_max(),
@@ -128,6 +133,7 @@ impl PostgresStateConfig {
             .max_batch_bytes(self.max_batch_bytes)
             .max_pending(self.max_pending)
             .put_timeout(self.put_timeout)
+            .write_timeout(self.write_timeout)
             .cache_capacity(self.cache_capacity)
             .shutdown_timeout(self.shutdown_timeout)
             .retry_backoff_max(self.retry_backoff_max)
@@ -164,6 +170,7 @@ impl fmt::Debug for PostgresStateConfig {
             .field("max_batch_bytes", &self.max_batch_bytes)
             .field("max_pending", &self.max_pending)
             .field("put_timeout", &self.put_timeout)
+            .field("write_timeout", &self.write_timeout)
             .field("cache_capacity", &self.cache_capacity)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("retry_backoff_max", &self.retry_backoff_max)

@@ -1,7 +1,8 @@
-//! Every public async method of the cached store, cancelled at its await
-//! points (a `tokio::time::timeout` that fires, as `select!` or an aborted
+//! Cancellation and deadlines. Every public async method of the cached
+//! store, cancelled at its await points (a `tokio::time::timeout` that fires, as `select!` or an aborted
 //! task would drop it): the store stays consistent, and a dropped store's
-//! flusher never writes after the drop. Against `MemoryBackend`, whose
+//! flusher never writes after the drop; and a stalled backend makes every
+//! wait end within its stated deadline. Against `MemoryBackend`, whose
 //! pauses hold a call at a chosen await point.
 
 use std::sync::Arc;
@@ -156,4 +157,64 @@ async fn concurrent_shutdowns_report_the_same_outcome() {
         assert_eq!(mine, other.await.unwrap());
         assert!(mine.is_ok(), "{mine:?}");
     }
+}
+
+// Every wait has a deadline: a stalled backend (a half-open connection, a
+// row lock someone else holds) makes writes and flush() fail after
+// write_timeout, and nothing buffered is lost.
+#[tokio::test]
+async fn a_stalled_backend_makes_writes_and_flush_fail_within_write_timeout() {
+    for durability in [
+        Durability::WriteThrough,
+        Durability::GroupCommit,
+        Durability::WriteBehind,
+    ] {
+        let (backend, store) =
+            store_with(options(durability).write_timeout(Duration::from_millis(100)));
+        let pause = backend.pause_writes().await;
+        let put = timeout(Duration::from_secs(30), store.put("k", &json!(1)))
+            .await
+            .expect("put returned within its write_timeout");
+        let flushed = timeout(Duration::from_secs(30), store.flush())
+            .await
+            .expect("flush returned within its write_timeout");
+        match durability {
+            Durability::WriteBehind => put.unwrap(),
+            _ => {
+                let err = put.unwrap_err().to_string();
+                assert!(
+                    err.contains("'k'") && err.contains("write_timeout"),
+                    "{err}"
+                );
+            }
+        }
+        if durability != Durability::WriteThrough {
+            let err = flushed.unwrap_err().to_string();
+            assert!(err.contains("write_timeout"), "{durability:?}: {err}");
+        }
+        drop(pause);
+        if durability != Durability::WriteThrough {
+            store.flush().await.unwrap();
+            assert_eq!(
+                backend.rows()["k"],
+                json!(1),
+                "{durability:?}: retried and committed"
+            );
+        }
+        store.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn shutdown_ends_within_shutdown_timeout_while_a_write_is_stalled() {
+    let (backend, store) =
+        store_with(options(Durability::WriteBehind).shutdown_timeout(Duration::from_millis(100)));
+    store.put("k", &json!(1)).await.unwrap();
+    let _pause = backend.pause_writes().await;
+    let err = timeout(Duration::from_secs(30), store.shutdown())
+        .await
+        .expect("shutdown returned within its shutdown_timeout")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 keys were not persisted"), "{err}");
 }
