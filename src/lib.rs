@@ -117,6 +117,45 @@
 //!    `check_reports_a_failing_flusher_and_a_stopped_one`,
 //!    `failed_batches_and_drops_without_shutdown_are_logged_as_warnings`)*
 //!
+//! 8. **Refused writes are isolated.** A batch the server refuses because of
+//!    a row it carries (a value the database encoding cannot hold, a CHECK
+//!    constraint, a trigger, a statement running past its time) is split in
+//!    halves until each refused write stands alone; every other write commits
+//!    in the same round. The refused write stays pending (reads still see
+//!    it), is retried alone every [`retry_backoff_max`](CacheOptions::retry_backoff_max),
+//!    never blocks another key, and a newer write or delete of the key
+//!    replaces it. It is reported by key and by the server's reason: in its
+//!    own `put`'s error (write-through, group commit), in
+//!    [`CacheStats::refused_writes`], the `flusher` probe of `check()`, a
+//!    `tracing` warning, and the errors of `flush()` and `shutdown()`.
+//!    Batches are bounded by [`max_batch_bytes`](CacheOptions::max_batch_bytes)
+//!    as well as by keys, so none nears PostgreSQL's 1 GiB message limit; and
+//!    `ensure_table()`/`check()` refuse layouts on which every write fails (a
+//!    deferrable key, a NOT NULL column without default).
+//!    *(`tests/refused_writes.rs`, `tests/refused_writes_postgres.rs`)*
+//! 9. **Cancellation is safe.** Every public async method may be dropped at
+//!    any await (a `timeout`, `select!`, an aborted task). A dropped `get`
+//!    caches nothing. A dropped buffered `put`/`delete` was either not staged
+//!    (it was waiting for room) or is staged and will be persisted like any
+//!    other. A dropped write-through `put` may or may not have committed, so
+//!    its key is read from the table next. A dropped `flush()` changes
+//!    nothing. A dropped `shutdown()` has already refused later writes; call
+//!    it again to finish. The store owns its flusher until it is dropped:
+//!    dropping it aborts the flusher, which sends nothing more. Concurrent
+//!    `shutdown()` calls report the same outcome. *(`tests/cancellation.rs`)*
+//! 10. **Every wait has a deadline.** A write-through or group-commit
+//!    `put`/`delete` and `flush()` return an error after
+//!    [`write_timeout`](CacheOptions::write_timeout) (default 30 s) when their
+//!    commit has not come (the write stays queued and is retried);
+//!    `shutdown()` ends within [`shutdown_timeout`](CacheOptions::shutdown_timeout)
+//!    in total; a write waits for room at most
+//!    [`put_timeout`](CacheOptions::put_timeout). *(`tests/cancellation.rs`)*
+//! 11. **Liveness.** The flusher runs every `flush_interval`, and as soon as
+//!    `max_batch` keys (or `max_pending`, if smaller) are waiting, however
+//!    the writers are scheduled: a writer that never awaits anything else
+//!    still yields its thread now and then. No option value makes the store
+//!    panic. *(`tests/engine_liveness.rs`)*
+//!
 //! In group-commit mode a `put` whose batch fails returns the error, but the
 //! write stays queued and is retried like any dirty entry: an `Err` means
 //! "not known to be durable yet", as with any database commit whose outcome
