@@ -144,17 +144,17 @@
 //!    dropping it aborts the flusher, which sends nothing more. Concurrent
 //!    `shutdown()` calls report the same outcome. *(`tests/cancellation.rs`)*
 //! 10. **Every wait has a deadline.** A write-through or group-commit
-//!    `put`/`delete` and `flush()` return an error after
-//!    [`write_timeout`](CacheOptions::write_timeout) (default 30 s) when their
-//!    commit has not come (the write stays queued and is retried);
-//!    `shutdown()` ends within [`shutdown_timeout`](CacheOptions::shutdown_timeout)
-//!    in total; a write waits for room at most
-//!    [`put_timeout`](CacheOptions::put_timeout). *(`tests/cancellation.rs`)*
+//!     `put`/`delete` and `flush()` return an error after
+//!     [`write_timeout`](CacheOptions::write_timeout) (default 30 s) when their
+//!     commit has not come (the write stays queued and is retried);
+//!     `shutdown()` ends within [`shutdown_timeout`](CacheOptions::shutdown_timeout)
+//!     in total; a write waits for room at most
+//!     [`put_timeout`](CacheOptions::put_timeout). *(`tests/cancellation.rs`)*
 //! 11. **Liveness.** The flusher runs every `flush_interval`, and as soon as
-//!    `max_batch` keys (or `max_pending`, if smaller) are waiting, however
-//!    the writers are scheduled: a writer that never awaits anything else
-//!    still yields its thread now and then. No option value makes the store
-//!    panic. *(`tests/engine_liveness.rs`)*
+//!     `max_batch` keys (or `max_pending`, if smaller) are waiting, however
+//!     the writers are scheduled: a writer that never awaits anything else
+//!     still yields its thread now and then. No option value makes the store
+//!     panic. *(`tests/engine_liveness.rs`)*
 //!
 //! In group-commit mode a `put` whose batch fails returns the error, but the
 //! write stays queued and is retried like any dirty entry: an `Err` means
