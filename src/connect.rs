@@ -48,7 +48,11 @@ pub(crate) async fn connect_pool(url: &str, max_connections: u32) -> Result<PgPo
         target: redact_url(url),
         reason: scrub_password(describe_sqlx(&e), url),
     };
-    let options = PgConnectOptions::from_str(url).map_err(connect_error)?;
+    // PgBouncer refuses startup parameters it does not track, and sqlx sends
+    // extra_float_digits by default; the stores never read a float column.
+    let options = PgConnectOptions::from_str(url)
+        .map_err(connect_error)?
+        .extra_float_digits(None);
     let first = PgConnection::connect_with(&options)
         .await
         .map_err(connect_error)?;

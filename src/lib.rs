@@ -215,6 +215,7 @@ mod codec;
 mod config;
 mod connect;
 mod error;
+mod exec;
 mod flusher;
 mod lock;
 mod memory;
@@ -233,6 +234,7 @@ pub use config::{
     DEFAULT_TABLE, Durability,
 };
 pub use connect::redact_url;
+pub use exec::DEFAULT_STATEMENT_TIMEOUT;
 pub use memory::{MemoryBackend, Pause};
 pub use pg::PostgresStateStore;
 pub use settings::PostgresStateConfig;

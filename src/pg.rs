@@ -2,15 +2,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::future::Future;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use faucet_core::FaucetError;
 use faucet_core::check::{CheckContext, CheckReport};
 use faucet_core::state::{StateStore, validate_state_key};
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::postgres::PgRow;
 use sqlx::types::Json;
+use sqlx::{PgPool, Row};
 
 use crate::codec;
 use crate::config::{
@@ -18,8 +19,9 @@ use crate::config::{
     validate_max_connections, validate_prefix,
 };
 use crate::connect::connect_pool;
-use crate::error::{StoreError, describe_sqlx, is_connection_lost, refuses_rows};
-use crate::sql::Statements;
+use crate::error::{StoreError, describe_sqlx, refuses_rows};
+use crate::exec::{DEFAULT_STATEMENT_TIMEOUT, Executor};
+use crate::sql::{Statements, timeout_millis};
 use crate::{probe, schema};
 
 /// A [`StateStore`] that keeps each bookmark in one row of a PostgreSQL table.
@@ -50,7 +52,7 @@ use crate::{probe, schema};
 /// ```
 #[derive(Clone)]
 pub struct PostgresStateStore {
-    pool: PgPool,
+    exec: Executor,
     table: TableName,
     sql: Statements,
     max_value_bytes: usize,
@@ -116,11 +118,41 @@ impl PostgresStateStore {
 
     fn with_table(pool: PgPool, table: TableName) -> Self {
         Self {
-            pool,
-            sql: Statements::new(&table),
+            exec: Executor::new(pool, DEFAULT_STATEMENT_TIMEOUT),
+            sql: Statements::new(&table, DEFAULT_STATEMENT_TIMEOUT),
             table,
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
         }
+    }
+
+    /// Sets how long any statement this store sends may run (default
+    /// [`DEFAULT_STATEMENT_TIMEOUT`], 30 s), between 1 ms and about 24 days.
+    ///
+    /// The server enforces it (each statement sets `statement_timeout` for
+    /// its own transaction: SQLSTATE 57014 past it), and so does the client,
+    /// one second later, for a connection that stalls without an answer: that
+    /// connection is closed, and the call fails with an error saying so.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://localhost/x").unwrap();
+    /// use std::time::Duration;
+    /// let store = faucet_state_postgres::PostgresStateStore::from_pool(pool, "state")
+    ///     .unwrap()
+    ///     .with_statement_timeout(Duration::from_secs(5));
+    /// assert_eq!(store.statement_timeout(), Duration::from_secs(5));
+    /// # }
+    /// ```
+    pub fn with_statement_timeout(mut self, timeout: Duration) -> Self {
+        let timeout = Duration::from_millis(timeout_millis(timeout));
+        self.exec = Executor::new(self.exec.pool().clone(), timeout);
+        self.sql = Statements::new(&self.table, timeout);
+        self
+    }
+
+    /// How long any statement this store sends may run.
+    pub fn statement_timeout(&self) -> Duration {
+        self.exec.statement_timeout()
     }
 
     /// Sets the largest encoded value, in bytes, that `put` accepts (default
@@ -155,7 +187,7 @@ impl PostgresStateStore {
 
     /// The connection pool.
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.exec.pool()
     }
 
     /// Creates the table if it does not exist.
@@ -167,7 +199,7 @@ impl PostgresStateStore {
     /// A relation of that name with another layout is an error naming the
     /// difference.
     pub async fn ensure_table(&self) -> Result<(), FaucetError> {
-        Ok(schema::ensure(&self.pool, &self.table).await?)
+        Ok(schema::ensure(&self.exec, &self.table).await?)
     }
 
     /// Writes many entries in one statement, atomically: all or none.
@@ -213,16 +245,13 @@ impl PostgresStateStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let keys_ref = &keys;
-        let rows: Vec<(String, Json<Value>)> = self
-            .run("get_many", || {
-                sqlx::query_as(&self.sql.get_many)
-                    .bind(keys_ref)
-                    .fetch_all(&self.pool)
-            })
-            .await?;
+        let rows = self.run("get_many", &self.sql.get_many(&keys)).await?;
         let mut found: HashMap<String, Value> = HashMap::with_capacity(rows.len());
-        for (key, Json(stored)) in rows {
+        for row in rows {
+            let (key, Json(stored)): (String, Json<Value>) = (
+                decode(&row, 0, self.table())?,
+                decode(&row, 1, self.table())?,
+            );
             let value = codec::decode(&key, self.table(), stored)?;
             found.insert(key, value);
         }
@@ -235,13 +264,11 @@ impl PostgresStateStore {
     /// characters a key may hold; the empty prefix lists every key.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, FaucetError> {
         validate_prefix(prefix)?;
-        Ok(self
-            .run("list", || {
-                sqlx::query_scalar(&self.sql.list)
-                    .bind(prefix)
-                    .fetch_all(&self.pool)
-            })
-            .await?)
+        let rows = self.run("list", &self.sql.list(prefix)).await?;
+        Ok(rows
+            .iter()
+            .map(|row| decode(row, 0, self.table()))
+            .collect::<Result<_, _>>()?)
     }
 
     /// Upserts `upsert_keys` (with the encoded `upsert_texts`, pairwise) and
@@ -253,86 +280,42 @@ impl PostgresStateStore {
         upsert_texts: &[String],
         delete_keys: &[&str],
     ) -> Result<(), StoreError> {
-        debug_assert_eq!(upsert_keys.len(), upsert_texts.len());
-        let sql = &self.sql;
-        let outcome = match (upsert_keys, upsert_texts, delete_keys) {
-            ([], _, []) => return Ok(()),
-            ([key], [text], []) => {
-                self.run("put", || {
-                    sqlx::query(&sql.put)
-                        .bind(key)
-                        .bind(text)
-                        .execute(&self.pool)
-                })
-                .await
-            }
-            ([], _, [key]) => {
-                self.run("delete", || {
-                    sqlx::query(&sql.delete).bind(key).execute(&self.pool)
-                })
-                .await
-            }
-            (keys, texts, []) => {
-                self.run("put_many", || {
-                    sqlx::query(&sql.put_many)
-                        .bind(keys)
-                        .bind(texts)
-                        .execute(&self.pool)
-                })
-                .await
-            }
-            ([], _, keys) => {
-                self.run("delete_many", || {
-                    sqlx::query(&sql.delete_many).bind(keys).execute(&self.pool)
-                })
-                .await
-            }
-            (keys, texts, deletes) => {
-                self.run("write_batch", || {
-                    sqlx::query(&sql.upsert_and_delete)
-                        .bind(keys)
-                        .bind(texts)
-                        .bind(deletes)
-                        .execute(&self.pool)
-                })
-                .await
-            }
+        let Some(sql) = self.sql.write(upsert_keys, upsert_texts, delete_keys) else {
+            return Ok(());
         };
-        outcome.map(drop)
+        let op = match (upsert_keys.len(), delete_keys.len()) {
+            (1, 0) => "put",
+            (0, 1) => "delete",
+            (_, 0) => "put_many",
+            (0, _) => "delete_many",
+            _ => "write_batch",
+        };
+        self.run(op, &sql).await.map(drop)
     }
 
-    /// Runs one statement; if its connection turns out to be lost, runs it
-    /// again on another one (see the crate docs: every statement is
-    /// idempotent, so a retry cannot change the outcome).
-    ///
-    /// A network blip or a server restart kills every idle pooled connection
-    /// at once, and each is only found dead when used (a dead one is closed,
-    /// not returned, when it fails). So the statement may meet as many dead
-    /// connections as the pool holds before it reaches a fresh one: it is
-    /// tried up to `max_connections + 1` times, each dead one failing fast.
-    async fn run<T, F, Fut>(&self, op: &'static str, attempt: F) -> Result<T, StoreError>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<T, sqlx::Error>>,
-    {
-        let attempts = self.pool.options().get_max_connections() + 1;
-        let mut result = attempt().await;
-        for retry in 1..attempts {
-            match &result {
-                Err(e) if is_connection_lost(e) => {
-                    tracing::debug!(op, table = self.table(), retry, error = %e, "connection lost; retrying on another");
-                    result = attempt().await;
-                }
-                _ => break,
-            }
-        }
-        result.map_err(|e| StoreError::Query {
+    /// Sends one message (see `exec.rs`: a deadline, retries on a lost
+    /// connection) and describes a failure for the user.
+    async fn run(&self, op: &'static str, sql: &str) -> Result<Vec<PgRow>, StoreError> {
+        self.exec.fetch(sql).await.map_err(|e| StoreError::Query {
             op,
             table: self.table().to_owned(),
             reason: describe_sqlx(&e),
             refused: refuses_rows(&e),
         })
     }
+}
+
+/// Column `index` of `row`, or an error naming the table.
+fn decode<'r, T>(row: &'r PgRow, index: usize, table: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    row.try_get(index).map_err(|e| StoreError::Query {
+        op: "decode",
+        table: table.to_owned(),
+        reason: describe_sqlx(&e),
+        refused: false,
+    })
 }
 
 fn validated_keys<K: AsRef<str>>(keys: &[K]) -> Result<Vec<&str>, FaucetError> {
@@ -349,15 +332,12 @@ fn validated_keys<K: AsRef<str>>(keys: &[K]) -> Result<Vec<&str>, FaucetError> {
 impl StateStore for PostgresStateStore {
     async fn get(&self, key: &str) -> Result<Option<Value>, FaucetError> {
         validate_state_key(key)?;
-        let stored: Option<Json<Value>> = self
-            .run("get", || {
-                sqlx::query_scalar(&self.sql.get)
-                    .bind(key)
-                    .fetch_optional(&self.pool)
-            })
-            .await?;
-        match stored {
-            Some(Json(stored)) => Ok(Some(codec::decode(key, self.table(), stored)?)),
+        let rows = self.run("get", &self.sql.get(key)).await?;
+        match rows.first() {
+            Some(row) => {
+                let Json(stored) = decode::<Json<Value>>(row, 0, self.table())?;
+                Ok(Some(codec::decode(key, self.table(), stored)?))
+            }
             None => Ok(None),
         }
     }
@@ -370,11 +350,7 @@ impl StateStore for PostgresStateStore {
 
     async fn delete(&self, key: &str) -> Result<(), FaucetError> {
         validate_state_key(key)?;
-        self.run("delete", || {
-            sqlx::query(&self.sql.delete).bind(key).execute(&self.pool)
-        })
-        .await?;
-        Ok(())
+        Ok(self.apply(&[], &[], &[key]).await?)
     }
 
     /// Three probes, each bounded by `ctx.timeout`: `connect` (reach the
@@ -384,7 +360,7 @@ impl StateStore for PostgresStateStore {
     /// a transaction that is rolled back, so no row is left behind even if
     /// the probe is interrupted). A failing probe carries a hint.
     async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError> {
-        Ok(probe::run(&self.pool, &self.table, &self.sql, ctx).await)
+        Ok(probe::run(&self.exec, &self.table, &self.sql, ctx).await)
     }
 }
 
@@ -396,9 +372,10 @@ impl fmt::Debug for PostgresStateStore {
             .field("table", &self.table.as_str())
             .field(
                 "max_connections",
-                &self.pool.options().get_max_connections(),
+                &self.pool().options().get_max_connections(),
             )
-            .field("open_connections", &self.pool.size())
+            .field("open_connections", &self.pool().size())
+            .field("statement_timeout", &self.statement_timeout())
             .field("max_value_bytes", &self.max_value_bytes)
             .finish()
     }

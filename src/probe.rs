@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 use faucet_core::check::{CheckContext, CheckReport, Probe};
 use faucet_core::state::DOCTOR_SENTINEL_KEY;
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::Row;
 use sqlx::types::Json;
 
 use crate::config::TableName;
 use crate::error::{cause_of, hint_for};
+use crate::exec::Executor;
 use crate::schema::{self, Layout};
 use crate::sql::{self, Statements};
 
@@ -18,19 +19,14 @@ use crate::sql::{self, Statements};
 /// skips the ones that depend on it. Never returns an error: every failure is
 /// a failing probe with a reason and a hint.
 pub(crate) async fn run(
-    pool: &PgPool,
+    exec: &Executor,
     table: &TableName,
     statements: &Statements,
     ctx: &CheckContext,
 ) -> CheckReport {
     let mut report = CheckReport::default();
     let started = Instant::now();
-    let connected = timed("connect", ctx.timeout, async {
-        sqlx::query_as::<_, (String, String)>(sql::WHOAMI)
-            .fetch_one(pool)
-            .await
-    })
-    .await;
+    let connected = timed("connect", ctx.timeout, exec.fetch(sql::WHOAMI)).await;
     if let Err(failed) = connected {
         report.probes.push(failed);
         report.probes.push(Probe::skip("table", "not connected"));
@@ -42,7 +38,7 @@ pub(crate) async fn run(
         .push(Probe::pass("connect", started.elapsed()));
 
     let started = Instant::now();
-    let layout = timed("table", ctx.timeout, schema::inspect(pool, table)).await;
+    let layout = timed("table", ctx.timeout, schema::inspect(exec, table)).await;
     let table_probe = match layout {
         Ok(Layout::Ready) => Probe::pass("table", started.elapsed()),
         Ok(Layout::Missing) => Probe::fail_hint(
@@ -76,7 +72,7 @@ pub(crate) async fn run(
     let sentinel = timed(
         "sentinel",
         ctx.timeout,
-        sentinel_round_trip(pool, statements),
+        sentinel_round_trip(exec, statements),
     )
     .await;
     report.probes.push(match sentinel {
@@ -92,28 +88,19 @@ pub(crate) async fn run(
     report
 }
 
-/// Writes, reads back and deletes the sentinel inside a transaction that is
-/// always rolled back. Returns a description of any mismatch.
+/// Writes, reads back and deletes the sentinel in one message, one implicit
+/// transaction: no row is left behind, and an interrupted probe rolls back.
+/// Returns a description of any mismatch.
 async fn sentinel_round_trip(
-    pool: &PgPool,
+    exec: &Executor,
     statements: &Statements,
 ) -> Result<Option<String>, sqlx::Error> {
     let probe_value = json!({"probe": "faucet doctor"});
-    let mut tx = pool.begin().await?;
-    sqlx::query(&statements.put)
-        .bind(DOCTOR_SENTINEL_KEY)
-        .bind(probe_value.to_string())
-        .execute(&mut *tx)
+    let rows = exec
+        .fetch(&statements.sentinel(DOCTOR_SENTINEL_KEY, &probe_value.to_string()))
         .await?;
-    let read: Option<Json<serde_json::Value>> = sqlx::query_scalar(&statements.get)
-        .bind(DOCTOR_SENTINEL_KEY)
-        .fetch_optional(&mut *tx)
-        .await?;
-    sqlx::query(&statements.delete)
-        .bind(DOCTOR_SENTINEL_KEY)
-        .execute(&mut *tx)
-        .await?;
-    tx.rollback().await?;
+    let read: Option<Json<serde_json::Value>> =
+        rows.first().map(|row| row.try_get(0)).transpose()?;
     Ok(match read {
         Some(Json(v)) if v == probe_value => None,
         other => Some(format!(

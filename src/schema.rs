@@ -1,9 +1,10 @@
 //! The table: checking that it has the state-store layout, and creating it.
 
-use sqlx::PgPool;
+use sqlx::Row;
 
 use crate::config::TableName;
 use crate::error::{StoreError, describe_sqlx, sqlstate};
+use crate::exec::Executor;
 use crate::sql;
 
 /// What the catalog says about the store's table.
@@ -19,11 +20,20 @@ pub(crate) enum Layout {
 
 /// Reads the table's columns and key index from the catalog. Needs no
 /// privilege on the table itself, so it also works for a read-only role.
-pub(crate) async fn inspect(pool: &PgPool, table: &TableName) -> Result<Layout, sqlx::Error> {
-    let columns: Vec<(String, String, bool, bool)> = sqlx::query_as(sql::TABLE_COLUMNS)
-        .bind(table.quoted())
-        .fetch_all(pool)
-        .await?;
+pub(crate) async fn inspect(exec: &Executor, table: &TableName) -> Result<Layout, sqlx::Error> {
+    let columns = exec
+        .fetch(&sql::table_columns(table))
+        .await?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get(0)?,
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+            ))
+        })
+        .collect::<Result<Vec<(String, String, bool, bool)>, sqlx::Error>>()?;
     if columns.is_empty() {
         return Ok(Layout::Missing);
     }
@@ -53,10 +63,9 @@ pub(crate) async fn inspect(pool: &PgPool, table: &TableName) -> Result<Layout, 
              give it a default or drop NOT NULL"
         )));
     }
-    let (immediate, deferrable): (bool, bool) = sqlx::query_as(sql::KEY_IS_UNIQUE)
-        .bind(table.quoted())
-        .fetch_one(pool)
-        .await?;
+    let rows = exec.fetch(&sql::key_is_unique(table)).await?;
+    let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+    let (immediate, deferrable): (bool, bool) = (row.try_get(0)?, row.try_get(1)?);
     if !immediate {
         return Ok(Layout::Wrong(if deferrable {
             "the unique key on column key is DEFERRABLE, which INSERT ... ON CONFLICT cannot use; \
@@ -74,14 +83,14 @@ pub(crate) async fn inspect(pool: &PgPool, table: &TableName) -> Result<Layout, 
 /// An existing table with the right layout is left alone, without DDL, so a
 /// role that may only read and write rows can call this on every start. A
 /// missing table is created; a table with another layout is an error.
-pub(crate) async fn ensure(pool: &PgPool, table: &TableName) -> Result<(), StoreError> {
+pub(crate) async fn ensure(exec: &Executor, table: &TableName) -> Result<(), StoreError> {
     let query_error = |e: sqlx::Error| StoreError::Query {
         op: "ensure_table",
         table: table.as_str().to_owned(),
         reason: describe_sqlx(&e),
         refused: false,
     };
-    match inspect(pool, table).await.map_err(query_error)? {
+    match inspect(exec, table).await.map_err(query_error)? {
         Layout::Ready => return Ok(()),
         Layout::Wrong(problem) => {
             return Err(StoreError::Layout {
@@ -92,7 +101,7 @@ pub(crate) async fn ensure(pool: &PgPool, table: &TableName) -> Result<(), Store
         Layout::Missing => {}
     }
     let ddl = sql::create_table_sql(table);
-    match sqlx::query(&ddl).execute(pool).await {
+    match exec.fetch(&ddl).await {
         Ok(_) => Ok(()),
         // Two processes creating the table at once: the loser trips over the
         // winner's catalog rows. The table exists either way.

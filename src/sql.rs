@@ -1,65 +1,241 @@
 //! Every SQL statement the crate sends, in one place.
 //!
-//! The table name is spliced in once, when a store is built, from a
-//! [`TableName`] (validated and double-quoted); every other input is a bind
-//! parameter. Values travel as JSON text and are cast to JSONB by the server,
-//! so each value is serialized exactly once, by [`codec`](crate::codec).
+//! # One message, one transaction, no prepared statements
+//!
+//! Each operation is sent as a single simple-protocol `Query` message, with
+//! its inputs written into the text as literals:
+//!
+//! ```sql
+//! SET LOCAL statement_timeout = '30000ms'; INSERT INTO "faucet_state" ... ;
+//! ```
+//!
+//! - PostgreSQL runs the statements of one message as one implicit
+//!   transaction, so `SET LOCAL` bounds just this statement on the server and
+//!   leaves no session state behind, and the whole message commits or fails
+//!   as one.
+//! - No named prepared statement exists, so the stores work behind
+//!   PgBouncer in transaction pooling mode, which hands each transaction to
+//!   any server connection (sqlx's named statements `sqlx_s_N` collide
+//!   there, and its unnamed ones span two transactions).
+//! - It is still one round trip per operation. What it gives up is the
+//!   server's cached plan for these few short statements; the README's
+//!   performance section measures that cost.
+//!
+//! Literals are safe to splice: every text is written as an `E'…'` escape
+//! string with `'` doubled and `\` escaped, so its content can never end the
+//! literal; U+0000, which PostgreSQL text cannot hold, is written as the
+//! escape `\000`, which the server refuses with an error rather than a
+//! truncated message. The table name comes from a validated
+//! [`TableName`] and is double-quoted.
+
+use std::fmt::Write as _;
+use std::time::Duration;
 
 use crate::config::TableName;
 
-/// The statements of one table.
+/// The statements of one table, bounded by one server-side timeout.
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
-    /// `$1` key → the row's value.
-    pub get: String,
-    /// `$1` key, `$2` JSON text: one upsert.
-    pub put: String,
-    /// `$1` key.
-    pub delete: String,
-    /// `$1` keys, `$2` JSON texts (parallel arrays, keys distinct): one
-    /// multi-row upsert, atomic as a single statement.
-    pub put_many: String,
-    /// `$1` keys.
-    pub delete_many: String,
-    /// `$1` keys, `$2` JSON texts, `$3` keys to delete (disjoint from `$1`):
-    /// the upserts and the deletes in one statement, so one round trip and
-    /// one commit. Data-modifying CTEs share a snapshot, which is safe here
-    /// because no key is both upserted and deleted.
-    pub upsert_and_delete: String,
-    /// `$1` keys → (key, value) of the rows that exist.
-    pub get_many: String,
-    /// `$1` literal prefix → keys in byte order. `starts_with` compares
-    /// characters, so `_` and `%` in a prefix are not wildcards.
-    pub list: String,
+    table: String,
+    /// `SET LOCAL statement_timeout = '…ms'; `, the prefix of every message.
+    prelude: String,
+}
+
+/// Appends `text` as an escape-string literal.
+pub(crate) fn push_literal(sql: &mut String, text: &str) {
+    sql.reserve(text.len() + 3);
+    sql.push_str("E'");
+    for ch in text.chars() {
+        match ch {
+            '\'' => sql.push_str("''"),
+            '\\' => sql.push_str("\\\\"),
+            '\0' => sql.push_str("\\000"),
+            other => sql.push(other),
+        }
+    }
+    sql.push('\'');
+}
+
+/// `text` as an escape-string literal.
+pub(crate) fn literal(text: &str) -> String {
+    let mut sql = String::new();
+    push_literal(&mut sql, text);
+    sql
+}
+
+/// Appends `ARRAY[…]::text[]` holding `items`.
+fn push_text_array<S: AsRef<str>>(sql: &mut String, items: &[S]) {
+    sql.push_str("ARRAY[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            sql.push(',');
+        }
+        push_literal(sql, item.as_ref());
+    }
+    sql.push_str("]::text[]");
+}
+
+/// The most PostgreSQL's `statement_timeout` holds: `INT_MAX` milliseconds.
+const MAX_TIMEOUT_MS: u128 = i32::MAX as u128;
+
+/// A statement timeout as whole milliseconds the server accepts: at least 1
+/// (0 would turn the limit off) and at most `INT_MAX`.
+pub(crate) fn timeout_millis(timeout: Duration) -> u64 {
+    timeout.as_millis().clamp(1, MAX_TIMEOUT_MS) as u64
 }
 
 impl Statements {
-    pub(crate) fn new(table: &TableName) -> Self {
-        let t = table.quoted();
+    pub(crate) fn new(table: &TableName, statement_timeout: Duration) -> Self {
         Self {
-            get: format!("SELECT value FROM {t} WHERE key = $1"),
-            put: format!(
-                "INSERT INTO {t} (key, value) VALUES ($1, $2::jsonb) \
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = NOW()"
-            ),
-            delete: format!("DELETE FROM {t} WHERE key = $1"),
-            put_many: format!(
-                "INSERT INTO {t} (key, value) \
-                 SELECT k, v::jsonb FROM UNNEST($1::text[], $2::text[]) AS batch(k, v) \
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = NOW()"
-            ),
-            delete_many: format!("DELETE FROM {t} WHERE key = ANY($1::text[])"),
-            upsert_and_delete: format!(
-                "WITH deleted AS (DELETE FROM {t} WHERE key = ANY($3::text[])) \
-                 INSERT INTO {t} (key, value) \
-                 SELECT k, v::jsonb FROM UNNEST($1::text[], $2::text[]) AS batch(k, v) \
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = NOW()"
-            ),
-            get_many: format!("SELECT key, value FROM {t} WHERE key = ANY($1::text[])"),
-            list: format!(
-                "SELECT key FROM {t} WHERE starts_with(key, $1) ORDER BY key COLLATE \"C\""
+            table: table.quoted(),
+            prelude: format!(
+                "SET LOCAL statement_timeout = '{}ms'; ",
+                timeout_millis(statement_timeout)
             ),
         }
+    }
+
+    fn start(&self, capacity: usize) -> String {
+        let mut sql = String::with_capacity(self.prelude.len() + 160 + capacity);
+        sql.push_str(&self.prelude);
+        sql
+    }
+
+    /// The row's value of `key`.
+    pub(crate) fn get(&self, key: &str) -> String {
+        let mut sql = self.start(key.len());
+        self.push_get(&mut sql, key);
+        sql
+    }
+
+    /// One upsert of `key` with the JSON text `value`.
+    pub(crate) fn put(&self, key: &str, value: &str) -> String {
+        let mut sql = self.start(key.len() + value.len());
+        self.push_put(&mut sql, key, value);
+        sql
+    }
+
+    /// One delete of `key`.
+    pub(crate) fn delete(&self, key: &str) -> String {
+        let mut sql = self.start(key.len());
+        self.push_delete(&mut sql, key);
+        sql
+    }
+
+    fn push_get(&self, sql: &mut String, key: &str) {
+        let _ = write!(sql, "SELECT value FROM {} WHERE key = ", self.table);
+        push_literal(sql, key);
+    }
+
+    fn push_put(&self, sql: &mut String, key: &str, value: &str) {
+        let _ = write!(sql, "INSERT INTO {} (key, value) VALUES (", self.table);
+        push_literal(sql, key);
+        sql.push_str(", ");
+        push_literal(sql, value);
+        sql.push_str(
+            "::jsonb) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = NOW()",
+        );
+    }
+
+    fn push_delete(&self, sql: &mut String, key: &str) {
+        let _ = write!(sql, "DELETE FROM {} WHERE key = ", self.table);
+        push_literal(sql, key);
+    }
+
+    /// Upserts `keys` with the JSON texts `values` (pairwise, keys distinct)
+    /// and deletes `deletes` (disjoint from `keys`), in one statement, the
+    /// cheapest that does the job. Data-modifying CTEs share a snapshot,
+    /// which is safe here because no key is both upserted and deleted.
+    /// `None` when there is nothing to do.
+    pub(crate) fn write(
+        &self,
+        keys: &[&str],
+        values: &[String],
+        deletes: &[&str],
+    ) -> Option<String> {
+        debug_assert_eq!(keys.len(), values.len());
+        match (keys, values, deletes) {
+            ([], _, []) => None,
+            ([key], [value], []) => Some(self.put(key, value)),
+            ([], _, [key]) => Some(self.delete(key)),
+            (keys, values, deletes) => {
+                let size: usize = keys
+                    .iter()
+                    .chain(deletes)
+                    .map(|k| k.len() + 6)
+                    .sum::<usize>()
+                    + values.iter().map(|v| v.len() + 6).sum::<usize>();
+                let mut sql = self.start(size);
+                if !deletes.is_empty() {
+                    if keys.is_empty() {
+                        let _ = write!(sql, "DELETE FROM {} WHERE key = ANY(", self.table);
+                        push_text_array(&mut sql, deletes);
+                        sql.push(')');
+                        return Some(sql);
+                    }
+                    let _ = write!(
+                        sql,
+                        "WITH deleted AS (DELETE FROM {} WHERE key = ANY(",
+                        self.table
+                    );
+                    push_text_array(&mut sql, deletes);
+                    sql.push_str(")) ");
+                }
+                let _ = write!(
+                    sql,
+                    "INSERT INTO {} (key, value) SELECT k, v::jsonb FROM UNNEST(",
+                    self.table
+                );
+                push_text_array(&mut sql, keys);
+                sql.push_str(", ");
+                push_text_array(&mut sql, values);
+                sql.push_str(
+                    ") AS batch(k, v) \
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = NOW()",
+                );
+                Some(sql)
+            }
+        }
+    }
+
+    /// (key, value) of the rows of `keys` that exist.
+    pub(crate) fn get_many(&self, keys: &[&str]) -> String {
+        let mut sql = self.start(keys.iter().map(|k| k.len() + 6).sum());
+        let _ = write!(
+            sql,
+            "SELECT key, value FROM {} WHERE key = ANY(",
+            self.table
+        );
+        push_text_array(&mut sql, keys);
+        sql.push(')');
+        sql
+    }
+
+    /// Keys starting with the literal `prefix`, in byte order. `starts_with`
+    /// compares characters, so `_` and `%` in a prefix are not wildcards.
+    pub(crate) fn list(&self, prefix: &str) -> String {
+        let mut sql = self.start(prefix.len());
+        let _ = write!(
+            sql,
+            "SELECT key FROM {} WHERE starts_with(key, ",
+            self.table
+        );
+        push_literal(&mut sql, prefix);
+        sql.push_str(") ORDER BY key COLLATE \"C\"");
+        sql
+    }
+
+    /// The doctor's sentinel: writes `value` under `key`, reads it back and
+    /// deletes it, in one implicit transaction. The net effect is no row,
+    /// atomically; an interrupted message rolls back as a whole.
+    pub(crate) fn sentinel(&self, key: &str, value: &str) -> String {
+        let mut sql = self.start(3 * key.len() + value.len());
+        self.push_put(&mut sql, key, value);
+        sql.push_str("; ");
+        self.push_get(&mut sql, key);
+        sql.push_str("; ");
+        self.push_delete(&mut sql, key);
+        sql
     }
 }
 
@@ -75,25 +251,71 @@ pub(crate) fn create_table_sql(table: &TableName) -> String {
     )
 }
 
-/// `$1` quoted table name → (column, type, not null, has a value of its own
-/// on insert: a default, an identity or a generated expression) of each live
-/// column; no rows when the table does not exist.
-pub(crate) const TABLE_COLUMNS: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
-     (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') \
-     FROM pg_attribute a \
-     WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
-     ORDER BY a.attnum";
+/// (column, type, not null, has a value of its own on insert: a default, an
+/// identity or a generated expression) of each live column of `table`; no
+/// rows when the table does not exist.
+pub(crate) fn table_columns(table: &TableName) -> String {
+    format!(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+         (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') \
+         FROM pg_attribute a \
+         WHERE a.attrelid = to_regclass({}) AND a.attnum > 0 AND NOT a.attisdropped \
+         ORDER BY a.attnum",
+        literal(&table.quoted())
+    )
+}
 
-/// `$1` quoted table name → whether `key` alone is the primary key or a
-/// unique index that is checked immediately, which `ON CONFLICT (key)`
-/// needs, and whether it only has a deferrable one, which `ON CONFLICT`
-/// cannot use as its arbiter.
-pub(crate) const KEY_IS_UNIQUE: &str = "SELECT \
-     COALESCE(bool_or(i.indimmediate), false), COALESCE(bool_or(NOT i.indimmediate), false) \
-     FROM pg_index i \
-     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
-     WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indnatts = 1 \
-     AND i.indpred IS NULL AND a.attname = 'key'";
+/// Whether `key` alone is the primary key or a unique index that is checked
+/// immediately, which `ON CONFLICT (key)` needs, and whether it only has a
+/// deferrable one, which `ON CONFLICT` cannot use as its arbiter.
+pub(crate) fn key_is_unique(table: &TableName) -> String {
+    format!(
+        "SELECT COALESCE(bool_or(i.indimmediate), false), COALESCE(bool_or(NOT i.indimmediate), false) \
+         FROM pg_index i \
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+         WHERE i.indrelid = to_regclass({}) AND i.indisunique AND i.indnatts = 1 \
+         AND i.indpred IS NULL AND a.attname = 'key'",
+        literal(&table.quoted())
+    )
+}
 
 /// Who the probe is connected as, and where.
 pub(crate) const WHOAMI: &str = "SELECT current_user::text, current_database()::text";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_cannot_be_escaped_from() {
+        assert_eq!(literal("plain"), "E'plain'");
+        assert_eq!(literal("it's"), "E'it''s'");
+        assert_eq!(literal(r"a\'b"), r"E'a\\''b'");
+        assert_eq!(literal("x\0y"), r"E'x\000y'");
+        assert_eq!(literal("café €"), "E'café €'");
+    }
+
+    #[test]
+    fn every_message_is_bounded_by_the_statement_timeout() {
+        let table = TableName::parse("t").unwrap();
+        let sql = Statements::new(&table, Duration::from_millis(1500));
+        for statement in [
+            sql.get("k"),
+            sql.put("k", "1"),
+            sql.delete("k"),
+            sql.write(&["a", "b"], &["1".into(), "2".into()], &["c"])
+                .unwrap(),
+            sql.get_many(&["a"]),
+            sql.list("p"),
+            sql.sentinel("k", "1"),
+        ] {
+            assert!(
+                statement.starts_with("SET LOCAL statement_timeout = '1500ms'; "),
+                "{statement}"
+            );
+            assert_eq!(statement.matches("SET LOCAL").count(), 1, "{statement}");
+        }
+        assert_eq!(timeout_millis(Duration::ZERO), 1);
+        assert_eq!(timeout_millis(Duration::MAX), i32::MAX as u64);
+    }
+}

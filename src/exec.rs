@@ -1,0 +1,142 @@
+//! Sending one message (see `sql.rs`) with a deadline, on a connection that
+//! is closed rather than reused when its answer did not come.
+//!
+//! - **Deadline.** The server ends a statement after `statement_timeout`
+//!   (each message sets it with `SET LOCAL`). The client waits that long
+//!   plus [`CLIENT_GRACE`] for the answer, so a connection that stalls (a
+//!   half-open TCP connection after a partition, a proxy that stops
+//!   forwarding) cannot hold a caller forever either.
+//! - **No reuse of a connection in an unknown state.** A connection whose
+//!   answer did not arrive (the deadline passed, or the caller dropped the
+//!   future) is closed, not returned to the pool, where sqlx would otherwise
+//!   ping it and wait on it in the background.
+//! - **Lost connections.** A network blip or a server restart kills every
+//!   idle pooled connection at once, and each is found dead only when used,
+//!   failing fast. So a message that meets a lost connection is sent again on
+//!   another one, up to `max_connections + 1` times in all. Every message the
+//!   stores send is idempotent (an upsert of given values, a delete, a read),
+//!   so sending it again cannot change the outcome. A deadline that passed is
+//!   not retried: the caller decides.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgRow, Postgres};
+
+use crate::error::is_connection_lost;
+
+/// How much longer than `statement_timeout` the client waits for an answer
+/// before it gives the connection up: the server's own timeout normally
+/// answers first, with a clearer error.
+pub(crate) const CLIENT_GRACE: Duration = Duration::from_secs(1);
+
+/// Default of [`PostgresStateStore::with_statement_timeout`](crate::PostgresStateStore::with_statement_timeout).
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A pool and the deadline of every message sent through it.
+#[derive(Debug, Clone)]
+pub(crate) struct Executor {
+    pool: PgPool,
+    statement_timeout: Duration,
+}
+
+impl Executor {
+    pub(crate) fn new(pool: PgPool, statement_timeout: Duration) -> Self {
+        Self {
+            pool,
+            statement_timeout,
+        }
+    }
+
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub(crate) fn statement_timeout(&self) -> Duration {
+        self.statement_timeout
+    }
+
+    /// Sends `sql` (one simple-protocol message) and returns the rows of its
+    /// statements, retrying on lost connections (see the module docs).
+    pub(crate) async fn fetch(&self, sql: &str) -> Result<Vec<PgRow>, sqlx::Error> {
+        let attempts = self.pool.options().get_max_connections() + 1;
+        let mut result = self.attempt(sql).await;
+        for retry in 1..attempts {
+            match &result {
+                Err(e) if is_connection_lost(e) && !is_deadline(e) => {
+                    tracing::debug!(retry, error = %e, "connection lost; sending again on another");
+                    result = self.attempt(sql).await;
+                }
+                _ => break,
+            }
+        }
+        result
+    }
+
+    async fn attempt(&self, sql: &str) -> Result<Vec<PgRow>, sqlx::Error> {
+        let deadline = tokio::time::Instant::now() + self.client_deadline();
+        let conn = tokio::time::timeout_at(deadline, self.pool.acquire())
+            .await
+            .map_err(|_| self.deadline_error("waiting for a pooled connection"))??;
+        let mut conn = CloseUnlessAnswered {
+            conn,
+            answered: false,
+        };
+        let answer = tokio::time::timeout_at(deadline, fetch_on(&mut conn.conn, sql))
+            .await
+            .map_err(|_| self.deadline_error("waiting for the server's answer"))?;
+        // An error is an answer too: the connection is in a known state (a
+        // broken one fails sqlx's ping on release and is dropped).
+        conn.answered = true;
+        answer
+    }
+
+    fn client_deadline(&self) -> Duration {
+        self.statement_timeout.saturating_add(CLIENT_GRACE)
+    }
+
+    fn deadline_error(&self, waiting: &str) -> sqlx::Error {
+        sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no answer within statement_timeout ({:?}) plus {:?} while {waiting}; \
+                 the connection was closed (the server may be stalled or unreachable)",
+                self.statement_timeout, CLIENT_GRACE
+            ),
+        ))
+    }
+}
+
+/// Runs `sql` on one connection. A plain function returning a boxed future:
+/// called inside an `async fn`, sqlx's lifetime-generic executor impl for
+/// `&mut PgConnection` keeps the compiler from proving the callers'
+/// `async_trait` futures `Send`.
+fn fetch_on<'c>(
+    conn: &'c mut PgConnection,
+    sql: &'c str,
+) -> Pin<Box<dyn Future<Output = Result<Vec<PgRow>, sqlx::Error>> + Send + 'c>> {
+    sqlx::Executor::fetch_all(conn, sqlx::raw_sql(sql))
+}
+
+/// The client-side deadline passed: not a lost connection to retry at once.
+fn is_deadline(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut)
+}
+
+/// A pooled connection that is closed instead of returned to the pool when
+/// dropped before its answer arrived.
+struct CloseUnlessAnswered {
+    conn: PoolConnection<Postgres>,
+    answered: bool,
+}
+
+impl Drop for CloseUnlessAnswered {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.conn.close_on_drop();
+        }
+    }
+}
