@@ -191,7 +191,24 @@
 //! - values may nest at most [`MAX_DEPTH`] levels and encode to at most
 //!   [`DEFAULT_MAX_VALUE_BYTES`] bytes (configurable per store).
 //!
-//! # Connections
+//! # Connections, deadlines and PgBouncer
+//!
+//! Every operation is one simple-protocol message, `SET LOCAL
+//! statement_timeout = …; <statement>`, with its inputs written as escaped
+//! literals. The server runs it as one implicit transaction, so:
+//!
+//! - every statement ends within
+//!   [`statement_timeout`](PostgresStateStore::with_statement_timeout)
+//!   (default [`DEFAULT_STATEMENT_TIMEOUT`], 30 s), enforced by the server
+//!   and, one second later, by the client, which then closes that
+//!   connection rather than reuse it;
+//! - no prepared statement and no session state outlive the message, so both
+//!   stores work behind **PgBouncer in transaction pooling mode** (what
+//!   managed PostgreSQL services put in front of the database) with
+//!   PgBouncer's default settings. Pools the store opens send no
+//!   `extra_float_digits`, a startup parameter PgBouncer refuses; build a
+//!   pool for [`from_pool`](PostgresStateStore::from_pool) the same way
+//!   (`PgConnectOptions::extra_float_digits(None)`).
 //!
 //! The constructors that open a pool turn off sqlx's ping-before-acquire,
 //! which costs a round trip per statement. Dead connections are found instead

@@ -4,24 +4,29 @@
 mod support;
 
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use faucet_core::state::StateStore;
 use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, PostgresStateStore};
 use serde_json::{Value, json};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 const NEVER: Duration = Duration::from_secs(3600);
 
 async fn plain_on(url: &str, tag: &str) -> PostgresStateStore {
     // A short acquire timeout: while a server is down, each failed batch
-    // gives up after a second instead of ten.
+    // gives up after a second instead of ten. No extra_float_digits, which
+    // PgBouncer refuses (these tests also run behind it).
+    let options = PgConnectOptions::from_str(url)
+        .unwrap()
+        .extra_float_digits(None);
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(1))
-        .connect(url)
+        .connect_with(options)
         .await
         .unwrap();
     let store = PostgresStateStore::from_pool(pool, &support::unique_table(tag)).unwrap();
@@ -33,14 +38,16 @@ async fn cached_on(url: &str, tag: &str, options: CacheOptions) -> CachedStateSt
     plain_on(url, tag).await.cached(options).unwrap()
 }
 
+/// Every row of the store's table, read through the plain store's own
+/// statements (which, unlike sqlx's prepared ones, also work behind PgBouncer).
 async fn table_rows(store: &CachedStateStore) -> HashMap<String, Value> {
     let plain = store.backend();
-    let rows: Vec<(String, Value)> =
-        sqlx::query_as(&format!("SELECT key, value FROM \"{}\"", plain.table()))
-            .fetch_all(plain.pool())
-            .await
-            .unwrap();
-    rows.into_iter().collect()
+    let keys = plain.list("").await.unwrap();
+    let values = plain.get_many(&keys).await.unwrap();
+    keys.into_iter()
+        .zip(values)
+        .map(|(key, value)| (key, value.expect("a listed key has a row")))
+        .collect()
 }
 
 fn write_behind() -> CacheOptions {

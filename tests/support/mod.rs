@@ -9,6 +9,10 @@
 //! PostgreSQL refuses to run as root; when this process is root the server
 //! runs as the unprivileged `postgres` account.
 //!
+//! With `FAUCET_TEST_VIA_PGBOUNCER=1`, `database_url()` points instead at a
+//! PgBouncer in transaction pooling mode in front of that server, so the same
+//! tests show that the stores work behind it.
+//!
 //! Tests must not share rows: each takes its own table from `unique_table()`.
 //!
 //! Examples and benches include this file with `#[path]`, so it uses nothing
@@ -28,15 +32,126 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Superuser password of every throwaway server.
 pub const SUPERUSER_PASSWORD: &str = "throwaway-superuser-pw";
 
-/// The server for this process: `DATABASE_URL`, or a throwaway one.
+/// Set (to anything) to run the tests through PgBouncer in transaction
+/// pooling mode, in front of the throwaway server.
+pub const VIA_PGBOUNCER: &str = "FAUCET_TEST_VIA_PGBOUNCER";
+
+/// The server for this process: `DATABASE_URL`, or a throwaway one; behind a
+/// throwaway PgBouncer in transaction pooling mode when `VIA_PGBOUNCER` is set.
 pub fn database_url() -> String {
+    let via_pgbouncer = std::env::var(VIA_PGBOUNCER).is_ok_and(|v| !v.is_empty());
     if let Ok(url) = std::env::var("DATABASE_URL")
         && !url.is_empty()
     {
+        assert!(
+            !via_pgbouncer,
+            "{VIA_PGBOUNCER} puts a throwaway PgBouncer in front of the throwaway server; \
+             unset DATABASE_URL to use it"
+        );
         return url;
     }
     static SHARED: OnceLock<PgServer> = OnceLock::new();
-    SHARED.get_or_init(PgServer::start).url()
+    let server = SHARED.get_or_init(PgServer::start);
+    if via_pgbouncer {
+        static BOUNCER: OnceLock<PgBouncer> = OnceLock::new();
+        return BOUNCER.get_or_init(|| PgBouncer::start(server)).url();
+    }
+    server.url()
+}
+
+/// A PgBouncer in transaction pooling mode in front of a throwaway server,
+/// with PgBouncer's defaults otherwise (no `ignore_startup_parameters`). Like
+/// the server, it runs as `postgres` when this process is root, and a
+/// watchdog stops it once this process is gone.
+pub struct PgBouncer {
+    port: u16,
+    /// The shell that runs PgBouncer and stops it once this process is gone.
+    _watchdog: Child,
+}
+
+impl PgBouncer {
+    pub fn start(server: &PgServer) -> PgBouncer {
+        let binary = [
+            "/usr/sbin/pgbouncer",
+            "/usr/bin/pgbouncer",
+            "/usr/local/bin/pgbouncer",
+        ]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{VIA_PGBOUNCER} is set but pgbouncer is not installed \
+                     (Debian/Ubuntu: `apt-get install pgbouncer`)"
+            )
+        });
+        let root = server.root.join("pgbouncer");
+        std::fs::create_dir_all(&root).expect("create the PgBouncer dir");
+        let port = free_port();
+        std::fs::write(
+            root.join("userlist.txt"),
+            format!("\"postgres\" \"{SUPERUSER_PASSWORD}\"\n"),
+        )
+        .expect("write the PgBouncer userlist");
+        std::fs::write(
+            root.join("pgbouncer.ini"),
+            format!(
+                "[databases]\n* = host=127.0.0.1 port={server_port}\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+                 unix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {root}/userlist.txt\n\
+                 pool_mode = transaction\nmax_client_conn = 1000\ndefault_pool_size = 8\n\
+                 logfile = {root}/pgbouncer.log\n",
+                server_port = server.port,
+                root = path_str(&root),
+            ),
+        )
+        .expect("write pgbouncer.ini");
+        if let Some((uid, gid)) = server.run_as {
+            for file in ["", "userlist.txt", "pgbouncer.ini"] {
+                chown(root.join(file), Some(uid), Some(gid)).expect("chown PgBouncer files");
+            }
+        }
+        // PgBouncer runs in the background of a shell that outlives this
+        // process only until it notices this process is gone.
+        let script = r#""$1" "$2" & bouncer=$!
+while [ -d "/proc/$0" ] && kill -0 "$bouncer" 2>/dev/null; do sleep 0.5; done
+kill "$bouncer" 2>/dev/null"#;
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .arg(std::process::id().to_string())
+            .arg(&binary)
+            .arg(root.join("pgbouncer.ini"))
+            .current_dir(&root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((uid, gid)) = server.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        let watchdog = cmd.spawn().expect("spawn PgBouncer");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return PgBouncer {
+                    port,
+                    _watchdog: watchdog,
+                };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!(
+            "PgBouncer did not start listening on port {port}: {}",
+            std::fs::read_to_string(root.join("pgbouncer.log")).unwrap_or_default()
+        );
+    }
+
+    /// `postgres://postgres:…@127.0.0.1:PORT/postgres`, through PgBouncer.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres:{SUPERUSER_PASSWORD}@127.0.0.1:{}/postgres",
+            self.port
+        )
+    }
 }
 
 /// Whether the tests run against a throwaway server (which they may stop,
