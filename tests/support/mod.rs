@@ -129,7 +129,7 @@ kill "$bouncer" 2>/dev/null"#;
         if let Some((uid, gid)) = server.run_as {
             cmd.uid(uid).gid(gid);
         }
-        let watchdog = cmd.spawn().expect("spawn PgBouncer");
+        let mut watchdog = cmd.spawn().expect("spawn PgBouncer");
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return PgBouncer {
@@ -139,6 +139,8 @@ kill "$bouncer" 2>/dev/null"#;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        let _ = watchdog.kill();
+        let _ = watchdog.wait();
         panic!(
             "PgBouncer did not start listening on port {port}: {}",
             std::fs::read_to_string(root.join("pgbouncer.log")).unwrap_or_default()
