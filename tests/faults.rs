@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use faucet_core::state::{MemoryStateStore, StateStore};
 use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, PostgresStateStore};
-use fault_support::{CHILD_ROLE, CuttingProxy, Rng, counter_of, counter_value, report, seed};
+use fault_support::{CHILD_ROLE, FaultProxy, Rng, counter_of, counter_value, report, seed};
 use serde_json::{Value, json};
 use sqlx::postgres::PgPoolOptions;
 
@@ -327,7 +327,7 @@ async fn a_server_crash_and_restart_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cuts_lose_nothing() {
     let url = support::database_url();
-    let proxy = Arc::new(CuttingProxy::start(fault_support::port_of(&url)).await);
+    let proxy = Arc::new(FaultProxy::start(fault_support::port_of(&url)).await);
     let proxied_url = fault_support::with_port(&url, proxy.port());
     let mut rng = Rng::new(seed("connection-cuts"));
     for mode in MODES {
@@ -377,13 +377,88 @@ async fn connection_cuts_lose_nothing() {
     }
 }
 
+// ── Stalled connections ───────────────────────────────────────────────────
+
+/// A proxy stops forwarding without closing anything (a network partition)
+/// for longer than every deadline, then resumes, then resets every
+/// connection once. Every call returns within its deadline (the bound below
+/// only catches a hang: the deadlines themselves are a few seconds), the
+/// store recovers by itself, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_connection_ends_every_wait_and_loses_nothing() {
+    // No call may take longer than this; a hang would.
+    const HANG: Duration = Duration::from_secs(15);
+    let url = support::database_url();
+    let proxy = Arc::new(FaultProxy::start(fault_support::port_of(&url)).await);
+    let proxied_url = fault_support::with_port(&url, proxy.port());
+    let mut rng = Rng::new(seed("stall"));
+    for mode in MODES {
+        let table = support::unique_table("stall");
+        let direct = plain_table(&url, &table).await;
+        let store = plain_table(&proxied_url, &table)
+            .await
+            .with_statement_timeout(Duration::from_millis(500))
+            .cached(
+                options(mode)
+                    .write_timeout(Duration::from_secs(1))
+                    .put_timeout(Duration::from_secs(1))
+                    .shutdown_timeout(Duration::from_secs(5)),
+            )
+            .unwrap();
+        let mut writer = Writer::default();
+        let mut slowest = Duration::ZERO;
+        let mut i = 0u64;
+        for phase in ["before", "stalled", "after"] {
+            proxy.stall(phase == "stalled");
+            if phase == "after" {
+                proxy.cut_all();
+            }
+            // The stall outlasts the client deadline (statement timeout plus
+            // one second) and write_timeout.
+            let until = Instant::now() + Duration::from_millis(2_500);
+            while Instant::now() < until {
+                i += 1;
+                let key = format!("k{}", rng.below(8));
+                let started = Instant::now();
+                tokio::time::timeout(HANG, writer.put(&store, key, counter_value(i)))
+                    .await
+                    .unwrap_or_else(|_| panic!("{mode:?}: a put hung while {phase}"));
+                if i.is_multiple_of(10) {
+                    let flushed = tokio::time::timeout(HANG, store.flush())
+                        .await
+                        .unwrap_or_else(|_| panic!("{mode:?}: flush hung while {phase}"));
+                    if flushed.is_err() {
+                        writer.errors += 1;
+                    }
+                }
+                slowest = slowest.max(started.elapsed());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let lost = tokio::time::timeout(HANG * 4, writer.settle_and_count_lost(&store, &direct))
+            .await
+            .expect("the store recovered after the stall");
+        report(&format!(
+            "stall[{}]: {} writes, a 2.5 s stall then a reset, {} errors seen, slowest call {slowest:.1?}, {lost} acknowledged writes lost",
+            mode_name(mode),
+            writer.writes,
+            writer.errors
+        ));
+        assert_eq!(lost, 0, "{mode:?}");
+        tokio::time::timeout(HANG, store.shutdown())
+            .await
+            .expect("shutdown returned")
+            .unwrap();
+    }
+}
+
 /// Regression: a network blip kills every idle pooled connection at once.
 /// The first statement afterwards used to meet a dead connection, retry once,
 /// meet another dead one and fail; it must reach a fresh connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_write_after_every_pooled_connection_was_cut_succeeds() {
     let url = support::database_url();
-    let proxy = CuttingProxy::start(fault_support::port_of(&url)).await;
+    let proxy = FaultProxy::start(fault_support::port_of(&url)).await;
     let proxied_url = fault_support::with_port(&url, proxy.port());
     let table = support::unique_table("blip");
     plain_table(&url, &table).await;

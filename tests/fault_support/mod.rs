@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -81,52 +82,64 @@ pub fn child(entry: &str, role: &str) -> Command {
     cmd
 }
 
-/// A loopback TCP proxy in front of a PostgreSQL port that drops every open
-/// connection whenever [`cut_all`](Self::cut_all) is called.
-pub struct CuttingProxy {
+/// A loopback TCP proxy in front of a PostgreSQL port that resets every open
+/// connection whenever [`cut_all`](Self::cut_all) is called, and stops
+/// forwarding without closing anything while [`stall`](Self::stall)ed.
+pub struct FaultProxy {
     port: u16,
     cut: watch::Sender<u64>,
     cuts: Arc<AtomicU64>,
+    stalled: watch::Sender<bool>,
     accept_loop: JoinHandle<()>,
 }
 
-impl CuttingProxy {
+impl FaultProxy {
     pub async fn start(upstream_port: u16) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let (cut, _) = watch::channel(0u64);
+        let (stalled, _) = watch::channel(false);
         let accept_loop = tokio::spawn({
-            let cut = cut.clone();
+            let (cut, stalled) = (cut.clone(), stalled.clone());
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let mut cut_signal = cut.subscribe();
+                    let stalled = stalled.clone();
                     tokio::spawn(async move {
                         let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await
                         else {
                             return;
                         };
-                        let (mut client, mut upstream) = (client, upstream);
+                        // Linger 0: closing resets the connection, so a cut
+                        // is seen by both ends mid-stream, as with a failing
+                        // network.
+                        #[allow(deprecated)]
+                        {
+                            let _ = client.set_linger(Some(Duration::ZERO));
+                            let _ = upstream.set_linger(Some(Duration::ZERO));
+                        }
+                        let (client_read, client_write) = client.into_split();
+                        let (upstream_read, upstream_write) = upstream.into_split();
+                        let forward = async {
+                            tokio::join!(
+                                pump(client_read, upstream_write, stalled.subscribe()),
+                                pump(upstream_read, client_write, stalled.subscribe()),
+                            )
+                        };
+                        // A cut drops both copies, and with them the sockets.
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
-                            _ = cut_signal.changed() => {
-                                // Reset rather than close: both ends see the
-                                // connection die mid-stream, as with a
-                                // failing network.
-                                #[allow(deprecated)]
-                                {
-                                    let _ = client.set_linger(Some(Duration::ZERO));
-                                    let _ = upstream.set_linger(Some(Duration::ZERO));
-                                }
-                            }
+                            _ = forward => {}
+                            _ = cut_signal.changed() => {}
                         }
                     });
                 }
             }
         });
-        CuttingProxy {
+        FaultProxy {
             port,
             cut,
             cuts: Arc::default(),
+            stalled,
             accept_loop,
         }
     }
@@ -144,9 +157,39 @@ impl CuttingProxy {
     pub fn cuts(&self) -> u64 {
         self.cuts.load(Ordering::Relaxed)
     }
+
+    /// While `true`, nothing is forwarded in either direction and nothing is
+    /// closed, as in a network partition: what arrives meanwhile is lost, as
+    /// packets are, and both ends wait for an answer that does not come.
+    pub fn stall(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
 }
 
-impl Drop for CuttingProxy {
+/// Copies `from` to `to` until `from` ends, then passes the end on; while
+/// stalled, what is read is dropped.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if *stalled.borrow() {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.accept_loop.abort();
         self.cut_all();
