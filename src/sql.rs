@@ -45,14 +45,21 @@ pub(crate) struct Statements {
 pub(crate) fn push_literal(sql: &mut String, text: &str) {
     sql.reserve(text.len() + 3);
     sql.push_str("E'");
-    for ch in text.chars() {
-        match ch {
-            '\'' => sql.push_str("''"),
-            '\\' => sql.push_str("\\\\"),
-            '\0' => sql.push_str("\\000"),
-            other => sql.push(other),
-        }
+    // Copies runs of ordinary text whole: values can be megabytes long.
+    let mut rest = text;
+    while let Some(at) = rest
+        .bytes()
+        .position(|b| matches!(b, b'\'' | b'\\' | b'\0'))
+    {
+        sql.push_str(&rest[..at]);
+        sql.push_str(match rest.as_bytes()[at] {
+            b'\'' => "''",
+            b'\\' => "\\\\",
+            _ => "\\000",
+        });
+        rest = &rest[at + 1..];
     }
+    sql.push_str(rest);
     sql.push('\'');
 }
 

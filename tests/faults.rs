@@ -489,6 +489,126 @@ async fn the_first_write_after_every_pooled_connection_was_cut_succeeds() {
     );
 }
 
+// ── Poison values and oversized batches ───────────────────────────────────
+
+/// Under a write load in each mode, a value the table refuses (a CHECK
+/// constraint) is written now and then to a random key, and replaced by a
+/// good write of that key a little later. No refused write ever blocks
+/// another key, every refused write is reported, and once replaced nothing
+/// is pending and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_values_block_no_other_key() {
+    let url = support::database_url();
+    let mut rng = Rng::new(seed("poison"));
+    for mode in MODES {
+        let table = support::unique_table("poison");
+        let direct = plain_table(&url, &table).await;
+        sqlx::query(&format!(
+            "ALTER TABLE \"{table}\" ADD CONSTRAINT no_poison CHECK (NOT value ? 'poison')"
+        ))
+        .execute(direct.pool())
+        .await
+        .unwrap();
+        let store = plain_table(&url, &table)
+            .await
+            .cached(options(mode))
+            .unwrap();
+        let mut writer = Writer::default();
+        let mut poisoned: Vec<String> = Vec::new();
+        let mut refused_seen = 0;
+        for i in 1..=600u64 {
+            let key = format!("k{}", rng.below(16));
+            if rng.below(40) == 0 {
+                // Not an acknowledged value: the table can never hold it.
+                match store.put(&key, &json!({"poison": i})).await {
+                    Err(e) => assert!(e.to_string().contains("refused"), "{e}"),
+                    Ok(()) => assert_eq!(mode, Durability::WriteBehind),
+                }
+                poisoned.push(key);
+                continue;
+            }
+            // A good write replaces the refused one, in every mode.
+            poisoned.retain(|k| *k != key);
+            writer.put(&store, key, counter_value(i)).await;
+            if i.is_multiple_of(50) {
+                if let Err(e) = store.flush().await {
+                    assert!(e.to_string().contains("refused"), "{e}");
+                    refused_seen += 1;
+                }
+            }
+        }
+        for key in poisoned.drain(..) {
+            writer.put(&store, key, counter_value(0)).await;
+        }
+        let lost = writer.settle_and_count_lost(&store, &direct).await;
+        let stats = store.stats();
+        report(&format!(
+            "poison[{}]: {} writes, {} refusals reported ({refused_seen} by flush), {lost} acknowledged writes lost",
+            mode_name(mode),
+            writer.writes,
+            stats.refusals,
+        ));
+        assert!(stats.refusals > 0, "{mode:?}: no poison was written");
+        assert!(
+            stats.refused_writes.is_empty(),
+            "{:?}",
+            stats.refused_writes
+        );
+        assert_eq!(lost, 0, "{mode:?}");
+        store.shutdown().await.unwrap();
+    }
+}
+
+/// Seventy 15 MiB values, each under the 16 MiB limit, are over 1 GiB
+/// together, more than PostgreSQL takes in one message. Batches bounded by
+/// `max_batch_bytes` carry them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_over_a_gigabyte_in_all_are_written_in_bounded_batches() {
+    const VALUES: usize = 70;
+    const VALUE_BYTES: usize = 15 * 1024 * 1024;
+    let url = support::database_url();
+    let table = support::unique_table("gigabyte");
+    let direct = plain_table(&url, &table).await;
+    let store = plain_table(&url, &table)
+        .await
+        .cached(
+            CacheOptions::new()
+                .durability(Durability::WriteBehind)
+                .flush_interval(Duration::from_secs(3600))
+                .write_timeout(Duration::from_secs(600)),
+        )
+        .unwrap();
+    let started = Instant::now();
+    for i in 0..VALUES {
+        let filler = char::from(b'a' + (i % 26) as u8).to_string();
+        store
+            .put(&format!("big{i:02}"), &json!(filler.repeat(VALUE_BYTES)))
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(600), store.flush())
+        .await
+        .expect("the flush ended")
+        .unwrap();
+    let (rows, bytes): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT count(*), sum(octet_length(value #>> '{{}}'))::bigint FROM \"{table}\""
+    ))
+    .fetch_one(direct.pool())
+    .await
+    .unwrap();
+    let stats = store.stats();
+    report(&format!(
+        "gigabyte: {VALUES} values of 15 MiB ({} MiB in all) written in {} batches in {:.1?}",
+        VALUES * VALUE_BYTES / (1024 * 1024),
+        stats.batches_written,
+        started.elapsed()
+    ));
+    assert_eq!(rows as usize, VALUES);
+    assert_eq!(bytes as usize, VALUES * VALUE_BYTES);
+    assert!(stats.batches_written >= (VALUES / 2) as u64, "{stats:?}");
+    store.shutdown().await.unwrap();
+}
+
 // ── Full buffer ───────────────────────────────────────────────────────────
 
 /// With the server down, write-behind puts are accepted up to `max_pending`,
