@@ -530,11 +530,11 @@ async fn poison_values_block_no_other_key() {
             // A good write replaces the refused one, in every mode.
             poisoned.retain(|k| *k != key);
             writer.put(&store, key, counter_value(i)).await;
-            if i.is_multiple_of(50) {
-                if let Err(e) = store.flush().await {
-                    assert!(e.to_string().contains("refused"), "{e}");
-                    refused_seen += 1;
-                }
+            if i.is_multiple_of(50)
+                && let Err(e) = store.flush().await
+            {
+                assert!(e.to_string().contains("refused"), "{e}");
+                refused_seen += 1;
             }
         }
         for key in poisoned.drain(..) {
