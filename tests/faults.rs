@@ -489,6 +489,122 @@ async fn the_first_write_after_every_pooled_connection_was_cut_succeeds() {
     );
 }
 
+// ── Cancelled calls ───────────────────────────────────────────────────────
+
+/// Puts, reads and flushes are dropped at random points (a timeout of 0 to
+/// 3 ms, as `select!` or an aborted task would), then `shutdown()` is
+/// cancelled once and called again. The store stays consistent: once the
+/// writes whose outcome was unknown are repeated, every key holds its last
+/// acknowledged value, and the second shutdown succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_calls_leave_the_store_consistent() {
+    let url = support::database_url();
+    let mut rng = Rng::new(seed("cancel"));
+    for mode in MODES {
+        let table = support::unique_table("cancel");
+        let direct = plain_table(&url, &table).await;
+        let store = plain_table(&url, &table)
+            .await
+            .cached(options(mode))
+            .unwrap();
+        let mut writer = Writer::default();
+        let mut cancelled = 0;
+        for i in 1..=400u64 {
+            let key = format!("k{}", rng.below(8));
+            let budget = rng.millis(0, 3);
+            match rng.below(4) {
+                0 => {
+                    if tokio::time::timeout(budget, store.get(&key)).await.is_err() {
+                        cancelled += 1;
+                    }
+                }
+                1 => {
+                    if tokio::time::timeout(budget, store.flush()).await.is_err() {
+                        cancelled += 1;
+                    }
+                }
+                _ => {
+                    let value = counter_value(i);
+                    match tokio::time::timeout(budget, store.put(&key, &value)).await {
+                        Ok(Ok(())) => {
+                            writer.writes += 1;
+                            writer.uncertain.remove(&key);
+                            writer.acknowledged.insert(key, Some(value));
+                        }
+                        // Not acknowledged: it may land or not, so the key
+                        // is repeated with its last acknowledged value.
+                        Ok(Err(_)) | Err(_) => {
+                            cancelled += 1;
+                            writer.uncertain.insert(key);
+                        }
+                    }
+                }
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(1), store.shutdown()).await;
+        assert!(
+            store.put("late", &json!(0)).await.is_err(),
+            "{mode:?}: writes are refused"
+        );
+        store.shutdown().await.unwrap();
+        // The store refuses writes now: the keys whose last write is
+        // uncertain are repeated through a second store on the same table.
+        let again = plain_table(&url, &table)
+            .await
+            .cached(options(mode))
+            .unwrap();
+        let lost = writer.settle_and_count_lost(&again, &direct).await;
+        again.shutdown().await.unwrap();
+        report(&format!(
+            "cancel[{}]: 400 calls, {cancelled} cancelled or failed, a cancelled shutdown then a second one, {lost} acknowledged writes lost",
+            mode_name(mode),
+        ));
+        assert_eq!(lost, 0, "{mode:?}");
+    }
+}
+
+// ── A writer that never yields ────────────────────────────────────────────
+
+/// A task calls write-behind `put` in a tight loop over 100,000 keys, on a
+/// worker thread of a 2-worker runtime. The flusher still commits batches to
+/// PostgreSQL during the spin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spinning_writer_does_not_starve_the_flusher() {
+    const LIMIT: u64 = 5_000_000;
+    let url = support::database_url();
+    let table = support::unique_table("spin");
+    let store = Arc::new(
+        plain_table(&url, &table)
+            .await
+            .cached(CacheOptions::new().durability(Durability::WriteBehind))
+            .unwrap(),
+    );
+    let spinner = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let mut puts = 0u64;
+            while store.stats().batches_written < 3 && puts < LIMIT {
+                store
+                    .put(&format!("k{}", puts % 100_000), &json!(puts))
+                    .await
+                    .unwrap();
+                puts += 1;
+            }
+            puts
+        }
+    });
+    let puts = spinner.await.unwrap();
+    let batches = store.stats().batches_written;
+    report(&format!(
+        "spinning-writer: {puts} puts in a tight loop, {batches} batches committed during the spin"
+    ));
+    assert!(
+        batches >= 3,
+        "{puts} puts and the flusher committed {batches} batches"
+    );
+    store.shutdown().await.unwrap();
+}
+
 // ── Poison values and oversized batches ───────────────────────────────────
 
 /// Under a write load in each mode, a value the table refuses (a CHECK
