@@ -149,7 +149,14 @@
 //!     commit has not come (the write stays queued and is retried);
 //!     `shutdown()` ends within [`shutdown_timeout`](CacheOptions::shutdown_timeout)
 //!     in total; a write waits for room at most
-//!     [`put_timeout`](CacheOptions::put_timeout). *(`tests/cancellation.rs`)*
+//!     [`put_timeout`](CacheOptions::put_timeout); every statement ends
+//!     within the store's [`statement_timeout`](PostgresStateStore::with_statement_timeout),
+//!     on the server and, a second later, on the client. *(`tests/cancellation.rs`,
+//!     `a_stalled_connection_ends_every_wait_and_loses_nothing`)* A statement
+//!     whose answer never came may still have committed; if the network held
+//!     it back, it may even commit after a later write of the same key
+//!     through another connection. A timed-out write is therefore reported
+//!     as "not known to be durable" and, in buffered modes, written again.
 //! 11. **Liveness.** The flusher runs every `flush_interval`, and as soon as
 //!     `max_batch` keys (or `max_pending`, if smaller) are waiting, however
 //!     the writers are scheduled: a writer that never awaits anything else
