@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use faucet_core::FaucetError;
-use faucet_core::check::{CheckContext, CheckReport, Probe};
+use faucet_core::check::{CheckContext, CheckReport};
 use faucet_core::state::{StateStore, validate_state_key};
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -20,6 +20,7 @@ use crate::cache::{Cache, Lookup, STRIPES};
 use crate::config::{CacheOptions, Durability};
 use crate::flusher::{self, Engine, RoundOutcome, deadline_after};
 use crate::lock::lock;
+use crate::report;
 use crate::stats::{CacheStats, RefusedWrite};
 
 /// How long `shutdown` waits, after its deadline, for an aborted flusher to
@@ -148,12 +149,12 @@ impl<B: StateBackend> CachedStateStore<B> {
             )));
         };
         match outcome {
-            RoundOutcome::Committed => self.no_refusals("flush"),
+            RoundOutcome::Committed => report::no_refusals(&self.engine, "flush"),
             RoundOutcome::Failed(error) => Err(FaucetError::State(format!(
                 "flush failed: {error}; {} keys stay dirty and are retried",
                 self.engine.cache.dirty_len()
             ))),
-            RoundOutcome::Stopped => self.nothing_left("flush"),
+            RoundOutcome::Stopped => report::nothing_left(&self.engine, "flush"),
         }
     }
 
@@ -207,7 +208,7 @@ impl<B: StateBackend> CachedStateStore<B> {
         // Every caller gets here only once the flusher has stopped (or could
         // not be stopped), and later writes are refused, so every caller
         // reads the same final state.
-        self.nothing_left("shutdown")
+        report::nothing_left(&self.engine, "shutdown")
     }
 
     /// A snapshot of the store's state and counters.
@@ -252,50 +253,6 @@ impl<B: StateBackend> CachedStateStore<B> {
     /// The options the store was built with.
     pub fn options(&self) -> &CacheOptions {
         &self.engine.options
-    }
-
-    fn nothing_left(&self, operation: &str) -> Result<(), FaucetError> {
-        match self.engine.cache.dirty_len() {
-            0 => Ok(()),
-            left => Err(FaucetError::State(format!(
-                "{operation}: {left} keys were not persisted (the flusher has stopped); {}last error: {}",
-                self.refusal_summary(),
-                self.engine
-                    .counters
-                    .last_error()
-                    .unwrap_or_else(|| "none".to_owned())
-            ))),
-        }
-    }
-
-    /// `Ok` unless the server refused writes that are still pending.
-    fn no_refusals(&self, operation: &str) -> Result<(), FaucetError> {
-        let summary = self.refusal_summary();
-        if summary.is_empty() {
-            return Ok(());
-        }
-        Err(FaucetError::State(format!(
-            "{operation}: every other write is committed, but {summary}they stay pending and are \
-             retried alone every retry_backoff_max; write those keys again with values the table accepts"
-        )))
-    }
-
-    /// "the server refused N writes: key 'a': reason; …; " naming up to five
-    /// keys, or "" when nothing is refused.
-    fn refusal_summary(&self) -> String {
-        const SHOWN: usize = 5;
-        let refused = self.engine.cache.refused_writes();
-        if refused.is_empty() {
-            return String::new();
-        }
-        let mut summary = format!("the server refused {} writes: ", refused.len());
-        for write in refused.iter().take(SHOWN) {
-            summary.push_str(&format!("key '{}': {}; ", write.key, write.reason));
-        }
-        if refused.len() > SHOWN {
-            summary.push_str(&format!("and {} more; ", refused.len() - SHOWN));
-        }
-        summary
     }
 
     /// Admits one write, unless the store is shut down. The guard keeps
@@ -352,7 +309,7 @@ impl<B: StateBackend> CachedStateStore<B> {
                 self.engine.options.get_put_timeout(),
             )
             .await
-            .map_err(|_| self.full_error(key))?;
+            .map_err(|_| report::full_error(&self.engine, key))?;
         // Checked again once staged: a flusher that died before this write
         // was staged will never persist it, so it must not be acknowledged.
         self.refuse_if_flusher_died(key)?;
@@ -391,7 +348,7 @@ impl<B: StateBackend> CachedStateStore<B> {
             RoundOutcome::Failed(error) => Err(FaucetError::State(format!(
                 "the batch carrying key '{key}' failed: {error}; the write stays queued and is retried"
             ))),
-            RoundOutcome::Stopped => self.nothing_left("put"),
+            RoundOutcome::Stopped => report::nothing_left(&self.engine, "put"),
         }
     }
 
@@ -473,100 +430,6 @@ impl<B: StateBackend> CachedStateStore<B> {
             }
         }
     }
-
-    /// Why the buffer is full: a failing flusher, refused writes, or one that
-    /// is slow or stalled while its batches still commit.
-    fn full_error(&self, key: &str) -> FaucetError {
-        let progress = self.engine.progress.borrow().clone();
-        let cause = if progress.stopped {
-            "the flusher has stopped".to_owned()
-        } else if progress.succeeded < progress.ended {
-            format!(
-                "the flusher is failing: its last batch failed with: {}; it retries with backoff",
-                progress.last_error.as_deref().unwrap_or("unknown error")
-            )
-        } else if !self.engine.cache.refused_writes().is_empty() {
-            format!(
-                "{}write those keys again with values the table accepts",
-                self.refusal_summary()
-            )
-        } else {
-            let age = self
-                .engine
-                .cache
-                .oldest_pending()
-                .map_or(Duration::ZERO, |since| since.elapsed());
-            format!(
-                "the flusher's batches commit, but it is stalled or slower than the writers \
-                 (the oldest waiting write is {age:.1?} old): check the database's latency, \
-                 or raise max_batch"
-            )
-        };
-        FaucetError::State(format!(
-            "cannot accept the write of key '{key}': {} keys are waiting to be persisted \
-             (max_pending) and none was persisted within put_timeout ({:?}); {cause}",
-            self.engine.cache.dirty_len(),
-            self.engine.options.get_put_timeout(),
-        ))
-    }
-
-    /// The `flusher` probe: running, its last round committed, and the
-    /// oldest unpersisted write younger than `2 × flush_interval + 10 s`.
-    fn flusher_probe(&self) -> Probe {
-        let progress = self.engine.progress.borrow().clone();
-        let dirty = self.engine.cache.dirty_len();
-        let age = self
-            .engine
-            .cache
-            .oldest_pending()
-            .map(|since| since.elapsed());
-        let backlog = match age {
-            Some(age) if dirty > 0 => format!("{dirty} keys waiting, the oldest for {age:.1?}"),
-            _ => format!("{dirty} keys waiting"),
-        };
-        let stall = self
-            .engine
-            .options
-            .get_flush_interval()
-            .saturating_mul(2)
-            .saturating_add(Duration::from_secs(10));
-        let refused = self.refusal_summary();
-        if progress.stopped {
-            Probe::fail_hint(
-                "flusher",
-                Duration::ZERO,
-                format!("the flusher is not running; {backlog}"),
-                "the store was shut down or dropped; build a new store",
-            )
-        } else if progress.succeeded < progress.ended {
-            Probe::fail_hint(
-                "flusher",
-                Duration::ZERO,
-                format!(
-                    "the last flush failed: {}; {backlog}",
-                    progress.last_error.as_deref().unwrap_or("unknown error")
-                ),
-                "check the database; the flusher keeps retrying with backoff",
-            )
-        } else if !refused.is_empty() {
-            Probe::fail_hint(
-                "flusher",
-                Duration::ZERO,
-                format!("{refused}{backlog}"),
-                "a value, a constraint, a trigger or the database encoding refuses these writes: \
-                 write the keys again with values the table accepts, or fix the table",
-            )
-        } else if age.is_some_and(|age| age > stall) {
-            Probe::fail_hint(
-                "flusher",
-                Duration::ZERO,
-                format!("the flusher is not keeping up: {backlog}"),
-                "check the database's latency and load, or raise max_batch",
-            )
-        } else {
-            Probe::pass("flusher", Duration::ZERO)
-        }
-    }
 }
 
 impl PostgresStateStore {
@@ -641,7 +504,7 @@ impl<B: StateBackend> StateStore for CachedStateStore<B> {
     /// round committed (with the dirty backlog and last error if not).
     async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError> {
         let mut report = self.engine.backend.check(ctx).await?;
-        report.probes.push(self.flusher_probe());
+        report.probes.push(report::flusher_probe(&self.engine));
         Ok(report)
     }
 }

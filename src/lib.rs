@@ -245,6 +245,7 @@ mod lock;
 mod memory;
 mod pg;
 mod probe;
+mod report;
 mod schema;
 mod settings;
 mod sql;
