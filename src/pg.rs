@@ -30,6 +30,12 @@ use crate::{probe, schema};
 /// `delete` one `DELETE`. A `put` or `delete` is committed, and so durable,
 /// when it returns. The store is cheap to share: wrap it in an `Arc`.
 ///
+/// Every statement ends within [`statement_timeout`](Self::with_statement_timeout).
+/// Every method may be cancelled (its future dropped) at any await: a
+/// dropped `get` has no effect; a dropped write may or may not have
+/// committed, all of it or none of it (each call is one transaction), and
+/// its connection is closed rather than reused.
+///
 /// The table has the layout `key TEXT PRIMARY KEY, value JSONB NOT NULL,
 /// updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW()`; create it with
 /// [`ensure_table`](Self::ensure_table) or out of band.
