@@ -11,6 +11,7 @@ use crate::config::{
     TableName, validate_max_connections,
 };
 use crate::connect::redact_url;
+use crate::exec::DEFAULT_STATEMENT_TIMEOUT;
 use crate::{CachedStateStore, PostgresStateStore};
 
 /// Everything needed to build a [`CachedStateStore`] over PostgreSQL, in a
@@ -78,6 +79,10 @@ pub struct PostgresStateConfig {
     pub retry_backoff_max: Duration,
     /// Largest encoded value in bytes. Default 16777216 (16 MiB).
     pub max_value_bytes: usize,
+    /// How long any statement may run, enforced by the server and the
+    /// client. Default `30s`; at least `1ms`.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
 }
 
 impl Default for PostgresStateConfig {
@@ -99,6 +104,7 @@ impl Default for PostgresStateConfig {
             shutdown_timeout: cache.get_shutdown_timeout(),
             retry_backoff_max: cache.get_retry_backoff_max(),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
         }
     }
 }
@@ -114,6 +120,11 @@ impl PostgresStateConfig {
         }
         TableName::parse(self.table.as_str())?;
         validate_max_connections(self.max_connections)?;
+        if self.statement_timeout < Duration::from_millis(1) {
+            return Err(FaucetError::Config(
+                "statement_timeout must be at least 1ms".to_owned(),
+            ));
+        }
         if self.max_value_bytes == 0 {
             return Err(FaucetError::Config(
                 "max_value_bytes must be at least 1".to_owned(),
@@ -145,7 +156,8 @@ impl PostgresStateConfig {
         self.validate()?;
         let plain = PostgresStateStore::connect_with(&self.url, self.max_connections, &self.table)
             .await?
-            .with_max_value_bytes(self.max_value_bytes);
+            .with_max_value_bytes(self.max_value_bytes)
+            .with_statement_timeout(self.statement_timeout);
         if self.ensure_table {
             plain.ensure_table().await?;
         }
@@ -175,6 +187,7 @@ impl fmt::Debug for PostgresStateConfig {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("retry_backoff_max", &self.retry_backoff_max)
             .field("max_value_bytes", &self.max_value_bytes)
+            .field("statement_timeout", &self.statement_timeout)
             .finish()
     }
 }

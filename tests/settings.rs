@@ -34,6 +34,9 @@ fn only_the_url_is_required_and_the_rest_defaults() {
     assert_eq!(config.put_timeout, Duration::from_secs(5));
     assert_eq!(config.cache_capacity, 100_000);
     assert_eq!(config.max_value_bytes, 16 * 1024 * 1024);
+    assert_eq!(config.max_batch_bytes, 32 * 1024 * 1024);
+    assert_eq!(config.write_timeout, Duration::from_secs(30));
+    assert_eq!(config.statement_timeout, Duration::from_secs(30));
     let err = config_error(&parse(json!({})).unwrap());
     assert!(err.contains("url is required"), "{err}");
 }
@@ -46,14 +49,18 @@ fn durations_are_written_in_human_form() {
         "flush_interval": "500ms",
         "put_timeout": "2s",
         "shutdown_timeout": "1m 30s",
-        "retry_backoff_max": "750ms"
+        "retry_backoff_max": "750ms",
+        "write_timeout": "3s",
+        "statement_timeout": "1500ms"
     }))
     .unwrap();
     assert_eq!(config.mode, Durability::WriteBehind);
     assert_eq!(config.flush_interval, Duration::from_millis(500));
     assert_eq!(config.put_timeout, Duration::from_secs(2));
     assert_eq!(config.shutdown_timeout, Duration::from_secs(90));
+    assert_eq!(config.statement_timeout, Duration::from_millis(1500));
     let options = config.cache_options();
+    assert_eq!(options.get_write_timeout(), Duration::from_secs(3));
     assert_eq!(options.get_retry_backoff_max(), Duration::from_millis(750));
     assert_eq!(options.get_name(), "faucet_state");
     let err = parse(json!({"url": "x", "flush_interval": "fast"})).unwrap_err();
@@ -92,6 +99,16 @@ fn mistakes_are_refused_with_the_field_and_the_rule() {
         ),
         ("max_batch", json!(0), "max_batch must be at least 1"),
         ("max_pending", json!(0), "max_pending must be at least 1"),
+        (
+            "max_batch_bytes",
+            json!(0),
+            "max_batch_bytes must be at least 1",
+        ),
+        (
+            "statement_timeout",
+            json!("0s"),
+            "statement_timeout must be at least 1ms",
+        ),
         (
             "max_value_bytes",
             json!(0),
@@ -137,7 +154,8 @@ async fn a_config_builds_a_working_store() {
         "max_connections": 2,
         "mode": "write_behind",
         "flush_interval": "50ms",
-        "max_value_bytes": 1024
+        "max_value_bytes": 1024,
+        "statement_timeout": "5s"
     }))
     .unwrap();
     let store = config.connect().await.unwrap();
@@ -150,4 +168,5 @@ async fn a_config_builds_a_working_store() {
     );
     assert_eq!(store.options().get_durability(), Durability::WriteBehind);
     assert_eq!(store.options().get_name(), config.table);
+    assert_eq!(store.backend().statement_timeout(), Duration::from_secs(5));
 }
