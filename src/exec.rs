@@ -80,14 +80,19 @@ impl Executor {
         let deadline = tokio::time::Instant::now() + self.client_deadline();
         let conn = tokio::time::timeout_at(deadline, self.pool.acquire())
             .await
-            .map_err(|_| self.deadline_error("waiting for a pooled connection"))??;
+            .map_err(|_| self.deadline_error("no pooled connection came free"))??;
         let mut conn = CloseUnlessAnswered {
             conn,
             answered: false,
         };
         let answer = tokio::time::timeout_at(deadline, fetch_on(&mut conn.conn, sql))
             .await
-            .map_err(|_| self.deadline_error("waiting for the server's answer"))?;
+            .map_err(|_| {
+                self.deadline_error(
+                    "the server did not answer; the connection was closed \
+                     (the server may be stalled or unreachable)",
+                )
+            })?;
         // An error is an answer too: the connection is in a known state (a
         // broken one fails sqlx's ping on release and is dropped).
         conn.answered = true;
@@ -98,12 +103,11 @@ impl Executor {
         self.statement_timeout.saturating_add(CLIENT_GRACE)
     }
 
-    fn deadline_error(&self, waiting: &str) -> sqlx::Error {
+    fn deadline_error(&self, what_happened: &str) -> sqlx::Error {
         sqlx::Error::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!(
-                "no answer within statement_timeout ({:?}) plus {:?} while {waiting}; \
-                 the connection was closed (the server may be stalled or unreachable)",
+                "no answer within statement_timeout ({:?}) plus {:?}: {what_happened}",
                 self.statement_timeout, CLIENT_GRACE
             ),
         ))
