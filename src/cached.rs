@@ -117,7 +117,10 @@ impl<B: StateBackend> CachedStateStore<B> {
     /// Persists every write that returned before this call.
     ///
     /// `Ok` means each of them is committed. On `Err` nothing is dropped: the
-    /// writes stay dirty and the flusher keeps retrying them.
+    /// writes stay dirty and the flusher keeps retrying them. The error says
+    /// which writes the server refused, if any (see the crate docs), or that
+    /// no commit came within [`write_timeout`](CacheOptions::write_timeout).
+    /// Dropping the future changes nothing: the flusher goes on.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -164,7 +167,11 @@ impl<B: StateBackend> CachedStateStore<B> {
     ///
     /// `Ok` only when nothing is left unpersisted; otherwise the error says
     /// how many keys were not persisted. Reads keep working afterwards.
-    /// Calling it again reports the same outcome.
+    /// Calling it again, or concurrently, reports the same outcome. It
+    /// returns within [`shutdown_timeout`](CacheOptions::shutdown_timeout)
+    /// (aborting the flusher if need be). Dropping the future leaves writes
+    /// refused and the flusher persisting what is dirty; call `shutdown()`
+    /// again to wait for it, or drop the store to abort it.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
