@@ -6,10 +6,12 @@
 //! cargo bench --bench throughput -- --quick  # quick run, under 3 minutes
 //! ```
 //!
-//! Every group has a `baseline`: what a plain store does, one statement per
-//! call through a bare sqlx pool with sqlx's default options (which ping a
-//! connection on every acquire). `baseline_no_ping` is the same with that ping
-//! turned off, to show how much of the gap the ping alone explains.
+//! Every group has `upstream_1_0_1`, the published faucet-state-postgres
+//! 1.0.1 with its defaults, and a `baseline`: what a plain store does, one
+//! statement per call through a bare sqlx pool with sqlx's default options
+//! (which ping a connection on every acquire). `baseline_no_ping` is the same
+//! with that ping turned off, to show how much of the gap the ping alone
+//! explains.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -119,6 +121,20 @@ impl Env {
         }
     }
 
+    /// The published crate this one is measured against, with its own
+    /// defaults (a pool of 5 that pings on every acquire).
+    async fn upstream(&self, tag: &str) -> Subject {
+        let store = upstream::PostgresStateStore::connect_with(
+            &self.url,
+            POOL_SIZE,
+            &support::unique_table(tag),
+        )
+        .await
+        .expect("connect upstream");
+        store.ensure_table().await.expect("upstream table");
+        Subject::Store(Arc::new(store))
+    }
+
     async fn cached(&self, durability: Durability, options: CacheOptions) -> Arc<CachedStateStore> {
         let plain = self.plain("cached").await;
         Arc::new(
@@ -134,6 +150,7 @@ impl Env {
             let mut subjects = vec![
                 ("baseline", self.baseline(true).await, None),
                 ("baseline_no_ping", self.baseline(false).await, None),
+                ("upstream_1_0_1", self.upstream("upstream").await, None),
                 (
                     "plain",
                     Subject::Store(Arc::new(self.plain("plain").await)),
@@ -279,6 +296,7 @@ fn gets(c: &mut Criterion) {
         vec![
             ("baseline", env.baseline(true).await),
             ("baseline_no_ping", env.baseline(false).await),
+            ("upstream_1_0_1", env.upstream("upstream_get").await),
             (
                 "plain",
                 Subject::Store(Arc::new(env.plain("plain_get").await)),
