@@ -199,6 +199,8 @@ impl Cache {
         // stamp, and `fill` will not cache the read (invariant 4).
         let stripe = self.stripe_of(key);
         let stamp = self.write_stamps[stripe].load(Ordering::SeqCst);
+        #[cfg(test)]
+        crate::test_hooks::reached("lookup: between the stamp and the slot");
         if let Some(slot) = self.slots.get(key) {
             counters.hit();
             return Lookup::Hit(slot.value.clone());
@@ -576,5 +578,52 @@ impl Cache {
 
     fn bump_stripe(&self, key: &str) {
         self.write_stamps[self.stripe_of(key)].fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_hooks;
+
+    fn stage_now(cache: &Cache, key: &str, value: Value) -> u64 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(cache.stage(key, Some(value), 1, Duration::ZERO))
+            .unwrap()
+            .version
+    }
+
+    /// Regression: `lookup` read the stripe's stamp after finding no slot. A
+    /// write that created the slot in between, then was flushed and evicted
+    /// before the slow read returned, let the read cache the pre-write value
+    /// for good.
+    #[test]
+    fn a_write_landing_inside_a_lookup_never_lets_a_stale_read_be_cached() {
+        let cache = Arc::new(Cache::new(10, 1));
+        let counters = Arc::new(Counters::new("test"));
+        test_hooks::once("lookup: between the stamp and the slot", {
+            let (cache, counters) = (cache.clone(), counters.clone());
+            move || {
+                let version = stage_now(&cache, "k", serde_json::json!("new"));
+                cache.committed("k", version, &counters);
+                // Capacity 1: a second clean key evicts "k".
+                let other = stage_now(&cache, "other", serde_json::json!(0));
+                cache.committed("other", other, &counters);
+            }
+        });
+        let Lookup::Miss(ticket) = cache.lookup("k", &counters) else {
+            panic!("k was evicted before the lookup looked for it");
+        };
+        // The read began before the write and returns what it saw then.
+        cache.fill("k", Some(serde_json::json!("old")), ticket, &counters);
+        match cache.lookup("k", &counters) {
+            Lookup::Hit(Some(value)) => {
+                assert_ne!(*value, serde_json::json!("old"), "a stale read was cached")
+            }
+            Lookup::Hit(None) | Lookup::Miss(_) => {}
+        }
     }
 }

@@ -301,6 +301,8 @@ impl<B: StateBackend> CachedStateStore<B> {
             return Ok(());
         }
         self.refuse_if_flusher_died(key)?;
+        #[cfg(test)]
+        crate::test_hooks::reached("write: between the flusher check and staging");
         // A writer that never awaits anything that pends (write-behind puts
         // in a loop) would keep its worker thread forever, and a flusher
         // woken onto that thread would never run. Spending the task's
@@ -550,5 +552,35 @@ impl<B: StateBackend> fmt::Debug for CachedStateStore<B> {
             .field("stats", &self.stats())
             .field("closed", &self.closed.load(Ordering::Relaxed))
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryBackend;
+    use crate::test_hooks;
+
+    /// Regression: `write` checked that the flusher was alive, then staged.
+    /// A flusher that died in between (only a panic ends it early) left a
+    /// write acknowledged that nothing would ever persist.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_flusher_dying_while_a_write_is_staged_fails_that_write() {
+        let options = CacheOptions::new().durability(Durability::WriteBehind);
+        let store = CachedStateStore::new(Arc::new(MemoryBackend::new()), options).unwrap();
+        test_hooks::once("write: between the flusher check and staging", {
+            let engine = store.engine.clone();
+            move || {
+                // What the flusher's own guard does when a panic ends it.
+                engine.stopped.store(true, Ordering::SeqCst);
+                engine.progress.send_modify(|p| p.stopped = true);
+            }
+        });
+        let err = store.put("k", &serde_json::json!(1)).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the flusher has stopped unexpectedly"),
+            "{err}"
+        );
     }
 }

@@ -250,6 +250,8 @@ mod schema;
 mod settings;
 mod sql;
 mod stats;
+#[cfg(test)]
+mod test_hooks;
 
 pub use backend::{BatchError, StateBackend};
 pub use cached::CachedStateStore;
