@@ -28,12 +28,28 @@ use crate::error::{StoreError, describe_sqlx};
 /// How long a caller waits for a pool connection before giving up.
 pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// TCP keepalive on the server's end of each connection the store opens:
+/// after 30 s of silence the server probes every 10 s and gives up after 3
+/// unanswered probes, so a server backend whose client vanished in a
+/// partition is ended (and whatever it held released) within about a
+/// minute. The client's end is bounded by the statement deadline instead
+/// (sqlx exposes no socket options). A socket setting, harmless where a
+/// pooler such as PgBouncer hands the server connection to others.
+const KEEPALIVE_SQL: &str =
+    "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3";
+
 /// Pool settings shared by every constructor that opens its own pool.
 pub(crate) fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .test_before_acquire(false)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                sqlx::Executor::execute(conn, sqlx::raw_sql(KEEPALIVE_SQL)).await?;
+                Ok(())
+            })
+        })
 }
 
 /// Opens a pool, so that a wrong URL, password or address is reported by the

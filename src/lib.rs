@@ -217,6 +217,11 @@
 //!   pool for [`from_pool`](PostgresStateStore::from_pool) the same way
 //!   (`PgConnectOptions::extra_float_digits(None)`).
 //!
+//! The constructors that open a pool also turn on TCP keepalive at the
+//! server's end of each connection (30 s idle, then a probe every 10 s, 3
+//! probes), so a backend whose client vanished is ended within about a
+//! minute; that one socket setting is the only session state they leave.
+//!
 //! The constructors that open a pool turn off sqlx's ping-before-acquire,
 //! which costs a round trip per statement. Dead connections are found instead
 //! by sqlx's ping when a connection is returned to the pool, and by the store

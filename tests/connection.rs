@@ -301,3 +301,31 @@ async fn a_role_with_only_row_rights_can_use_but_not_create_the_table() {
         "{err}"
     );
 }
+
+/// The server's end of every connection the store opens has TCP keepalive,
+/// so a backend whose client vanished in a partition is ended within about
+/// a minute.
+#[tokio::test]
+async fn connections_the_store_opens_have_tcp_keepalive() {
+    let table = support::unique_table("keepalive");
+    let store = PostgresStateStore::connect_with(&support::database_url(), 2, &table)
+        .await
+        .unwrap();
+    for setting in [
+        "tcp_keepalives_idle",
+        "tcp_keepalives_interval",
+        "tcp_keepalives_count",
+    ] {
+        let row = sqlx::raw_sql(&format!("SHOW {setting}"))
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        let value: String = sqlx::Row::try_get(&row, 0).unwrap();
+        let expected = match setting {
+            "tcp_keepalives_idle" => "30",
+            "tcp_keepalives_interval" => "10",
+            _ => "3",
+        };
+        assert_eq!(value, expected, "{setting}");
+    }
+}
