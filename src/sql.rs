@@ -161,25 +161,24 @@ impl Statements {
         deletes: &[&str],
     ) -> Option<String> {
         debug_assert_eq!(keys.len(), values.len());
+        let keys_bytes = |keys: &[&str]| keys.iter().map(|k| k.len() + 6).sum::<usize>();
         match (keys, values, deletes) {
             ([], _, []) => None,
             ([key], [value], []) => Some(self.put(key, value)),
             ([], _, [key]) => Some(self.delete(key)),
+            ([], _, deletes) => {
+                let mut sql = self.start(keys_bytes(deletes));
+                let _ = write!(sql, "DELETE FROM {} WHERE key = ANY(", self.table);
+                push_text_array(&mut sql, deletes);
+                sql.push(')');
+                Some(sql)
+            }
             (keys, values, deletes) => {
-                let size: usize = keys
-                    .iter()
-                    .chain(deletes)
-                    .map(|k| k.len() + 6)
-                    .sum::<usize>()
+                let size = keys_bytes(keys)
+                    + keys_bytes(deletes)
                     + values.iter().map(|v| v.len() + 6).sum::<usize>();
                 let mut sql = self.start(size);
                 if !deletes.is_empty() {
-                    if keys.is_empty() {
-                        let _ = write!(sql, "DELETE FROM {} WHERE key = ANY(", self.table);
-                        push_text_array(&mut sql, deletes);
-                        sql.push(')');
-                        return Some(sql);
-                    }
                     let _ = write!(
                         sql,
                         "WITH deleted AS (DELETE FROM {} WHERE key = ANY(",
