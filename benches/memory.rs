@@ -57,18 +57,23 @@ struct Discard;
 
 #[async_trait]
 impl StateBackend for Discard {
-    fn validate(&self, key: &str, _value: &Value) -> Result<usize, FaucetError> {
-        validate_state_key(key).map(|()| 0)
+    fn encode(&self, key: &str, value: &Value) -> Result<String, FaucetError> {
+        validate_state_key(key)?;
+        serde_json::to_string(value).map_err(|e| FaucetError::State(e.to_string()))
     }
 
-    async fn load(&self, _key: &str) -> Result<Option<Value>, FaucetError> {
+    fn decode(&self, _key: &str, stored: &str) -> Result<Value, FaucetError> {
+        serde_json::from_str(stored).map_err(|e| FaucetError::State(e.to_string()))
+    }
+
+    async fn load(&self, _key: &str) -> Result<Option<String>, FaucetError> {
         Ok(None)
     }
 
     async fn write_batch(
         &self,
-        _upserts: &[(String, Arc<Value>)],
-        _deletes: &[String],
+        _upserts: &[(&str, &str)],
+        _deletes: &[&str],
     ) -> Result<(), BatchError> {
         Ok(())
     }

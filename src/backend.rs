@@ -7,8 +7,6 @@
 //! injectable failures and delays, so the engine's concurrency and fault
 //! handling can be tested quickly and deterministically.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use faucet_core::FaucetError;
 use faucet_core::check::{CheckContext, CheckReport};
@@ -24,21 +22,28 @@ use crate::codec;
 /// engine never runs two `write_batch` calls at the same time.
 #[async_trait]
 pub trait StateBackend: Send + Sync + 'static {
-    /// Checks, without I/O, that `value` could be stored under `key`: the key
-    /// rules and any size or shape limits. The cache calls this in `put`, so
-    /// that a value the backend can never store is refused at once rather
-    /// than failing the flusher on every retry.
-    ///
-    /// Returns the value's encoded size in bytes, which the engine uses to
-    /// bound its batches by [`max_batch_bytes`](crate::CacheOptions::max_batch_bytes).
-    fn validate(&self, key: &str, value: &Value) -> Result<usize, FaucetError>;
+    /// Encodes `value` for storage under `key`, checking without I/O
+    /// everything that can be checked: the key rules and any size or shape
+    /// limits. The cache calls this once, in `put`, so that a value the
+    /// backend can never store is refused at once rather than failing the
+    /// flusher on every retry; it then holds the text, measures batches by
+    /// its length (see [`max_batch_bytes`](crate::CacheOptions::max_batch_bytes))
+    /// and hands it to [`write_batch`](Self::write_batch) as is.
+    fn encode(&self, key: &str, value: &Value) -> Result<String, FaucetError>;
 
-    /// Reads one key; `None` when it has no value.
-    async fn load(&self, key: &str) -> Result<Option<Value>, FaucetError>;
+    /// Turns text made by [`encode`](Self::encode) or returned by
+    /// [`load`](Self::load) back into the value. The cache calls it on every
+    /// hit; an error names the key and why the text cannot be read.
+    fn decode(&self, key: &str, stored: &str) -> Result<Value, FaucetError>;
 
-    /// Writes `upserts` and removes `deletes`, atomically: all or nothing.
-    /// No key appears twice across both lists. Calling it again with the same
-    /// arguments must be harmless (the engine retries failed batches).
+    /// Reads one key's stored text; `None` when it has no value.
+    async fn load(&self, key: &str) -> Result<Option<String>, FaucetError>;
+
+    /// Writes `upserts` (each a key and its text from
+    /// [`encode`](Self::encode)) and removes `deletes`, atomically: all or
+    /// nothing. No key appears twice across both lists. Calling it again
+    /// with the same arguments must be harmless (the engine retries failed
+    /// batches).
     ///
     /// A failure says whether the storage refused the batch because of the
     /// rows it carries ([`BatchError::Refused`]: the engine splits the batch
@@ -46,8 +51,8 @@ pub trait StateBackend: Send + Sync + 'static {
     /// ([`BatchError::Transient`]: the engine retries the batch whole, later).
     async fn write_batch(
         &self,
-        upserts: &[(String, Arc<Value>)],
-        deletes: &[String],
+        upserts: &[(&str, &str)],
+        deletes: &[&str],
     ) -> Result<(), BatchError>;
 
     /// The `faucet doctor` probe of the storage.
@@ -104,38 +109,33 @@ impl std::error::Error for BatchError {}
 /// a multi-row upsert and a batched delete together (see `sql.rs`).
 #[async_trait]
 impl StateBackend for PostgresStateStore {
-    fn validate(&self, key: &str, value: &Value) -> Result<usize, FaucetError> {
+    fn encode(&self, key: &str, value: &Value) -> Result<String, FaucetError> {
         validate_state_key(key)?;
-        Ok(codec::validate(key, value, self.max_value_bytes())?)
+        Ok(codec::encode(key, value, self.max_value_bytes())?)
     }
 
-    async fn load(&self, key: &str) -> Result<Option<Value>, FaucetError> {
-        StateStore::get(self, key).await
+    fn decode(&self, key: &str, stored: &str) -> Result<Value, FaucetError> {
+        Ok(codec::decode_text(key, self.table(), stored)?)
+    }
+
+    async fn load(&self, key: &str) -> Result<Option<String>, FaucetError> {
+        validate_state_key(key)?;
+        Ok(self.get_text(key).await?)
     }
 
     async fn write_batch(
         &self,
-        upserts: &[(String, Arc<Value>)],
-        deletes: &[String],
+        upserts: &[(&str, &str)],
+        deletes: &[&str],
     ) -> Result<(), BatchError> {
-        let mut upsert_keys = Vec::with_capacity(upserts.len());
-        let mut texts = Vec::with_capacity(upserts.len());
-        for (key, value) in upserts {
-            let text = codec::encode(key, value, self.max_value_bytes())
-                .map_err(|e| BatchError::Refused(e.into()))?;
-            texts.push(text);
-            upsert_keys.push(key.as_str());
-        }
-        let delete_keys: Vec<&str> = deletes.iter().map(String::as_str).collect();
-        self.apply(&upsert_keys, &texts, &delete_keys)
-            .await
-            .map_err(|e| {
-                if e.refuses_rows() {
-                    BatchError::Refused(e.into())
-                } else {
-                    BatchError::Transient(e.into())
-                }
-            })
+        let (keys, texts): (Vec<&str>, Vec<&str>) = upserts.iter().copied().unzip();
+        self.apply(&keys, &texts, deletes).await.map_err(|e| {
+            if e.refuses_rows() {
+                BatchError::Refused(e.into())
+            } else {
+                BatchError::Transient(e.into())
+            }
+        })
     }
 
     async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError> {

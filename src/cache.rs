@@ -29,7 +29,6 @@ use tokio::time::Instant;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::lock::lock;
@@ -39,12 +38,16 @@ use crate::stats::Counters;
 /// skip caching because an unrelated key was written meanwhile.
 pub(crate) const STRIPES: usize = 256;
 
+/// The text a backend stores for a value (see [`StateBackend::encode`](crate::StateBackend::encode)).
+pub(crate) type Stored = Arc<str>;
+
+/// A key, held once: the slot map, the queues and the records share it.
+pub(crate) type Key = Arc<str>;
+
 #[derive(Debug)]
 struct Slot {
     /// `None`: the key has no value (deleted, or never written).
-    value: Option<Arc<Value>>,
-    /// Encoded size of a dirty write (value and key), for batch bounds.
-    bytes: usize,
+    value: Option<Stored>,
     state: SlotState,
     refused: Refused,
 }
@@ -70,7 +73,7 @@ struct Refusal {
 /// A write the server refused, as [`Cache::refused_writes`] reports it.
 #[derive(Debug, Clone)]
 pub(crate) struct RefusedKey {
-    pub key: String,
+    pub key: Key,
     pub reason: Arc<str>,
 }
 
@@ -87,7 +90,7 @@ enum SlotState {
 /// again after its batch keeps the time of that batch).
 #[derive(Debug, Default)]
 struct DirtyQueue {
-    keys: Vec<String>,
+    keys: Vec<Key>,
     rounds_started: u64,
     /// When the queue last went from empty to not empty.
     waiting_since: Option<Instant>,
@@ -105,7 +108,7 @@ impl DirtyQueue {
         }
     }
 
-    fn push(&mut self, key: String) {
+    fn push(&mut self, key: Key) {
         if self.keys.is_empty() && self.waiting_since.is_none() {
             self.waiting_since = Some(Instant::now());
         }
@@ -116,7 +119,7 @@ impl DirtyQueue {
 /// What a lookup found.
 pub(crate) enum Lookup {
     /// The cache knows the answer (`None`: known absent).
-    Hit(Option<Arc<Value>>),
+    Hit(Option<Stored>),
     /// Not cached; read the backend, then offer the result to [`Cache::fill`].
     Miss(FillTicket),
 }
@@ -134,9 +137,14 @@ pub(crate) struct Full;
 /// One key's write as the flusher takes it.
 pub(crate) struct DirtyEntry {
     pub version: u64,
-    pub value: Option<Arc<Value>>,
-    /// Encoded size of the value and the key.
-    pub bytes: usize,
+    pub value: Option<Stored>,
+}
+
+impl DirtyEntry {
+    /// Encoded size of the write, key included, for batch bounds.
+    pub(crate) fn bytes(&self, key: &str) -> usize {
+        key.len() + self.value.as_deref().map_or(0, str::len)
+    }
 }
 
 /// A write the cache accepted.
@@ -149,14 +157,14 @@ pub(crate) struct Staged {
 
 #[derive(Debug)]
 pub(crate) struct Cache {
-    slots: DashMap<String, Slot>,
+    slots: DashMap<Key, Slot>,
     write_stamps: Box<[AtomicU64]>,
     queue: Mutex<DirtyQueue>,
     /// Parked keys (invariant 5).
-    refusals: Mutex<HashMap<String, Refusal>>,
+    refusals: Mutex<HashMap<Key, Refusal>>,
     /// Clean keys in the order they became clean, oldest first, with the
     /// stamp of that clean period; stale pairs are skipped.
-    clean_order: Mutex<VecDeque<(String, u64)>>,
+    clean_order: Mutex<VecDeque<(Key, u64)>>,
     clean_count: AtomicUsize,
     dirty_count: AtomicUsize,
     next_version: AtomicU64,
@@ -214,7 +222,7 @@ impl Cache {
     pub(crate) fn fill(
         &self,
         key: &str,
-        value: Option<Value>,
+        value: Option<Stored>,
         ticket: FillTicket,
         counters: &Counters,
     ) {
@@ -222,45 +230,44 @@ impl Cache {
             return;
         }
         let stamp = self.next_stamp();
-        let inserted = match self.slots.entry(key.to_owned()) {
+        let inserted = match self.slots.entry(Key::from(key)) {
             Entry::Vacant(vacant)
                 if self.write_stamps[ticket.stripe].load(Ordering::SeqCst) == ticket.stamp =>
             {
+                let key = vacant.key().clone();
                 vacant.insert(Slot {
-                    value: value.map(Arc::new),
-                    bytes: 0,
+                    value,
                     state: SlotState::Clean { stamp },
                     refused: Refused::No,
                 });
-                true
+                Some(key)
             }
-            _ => false,
+            _ => None,
         };
-        if inserted {
+        if let Some(key) = inserted {
             self.clean_count.fetch_add(1, Ordering::SeqCst);
-            self.remember_clean(key.to_owned(), stamp, counters);
+            self.remember_clean(key, stamp, counters);
         }
     }
 
-    /// Records a write (a value, or `None` for a delete, with its encoded
-    /// size) as dirty. Waits up to `wait` for room when `max_pending` keys
-    /// are dirty.
+    /// Records a write (a value's stored text, or `None` for a delete) as
+    /// dirty. Waits up to `wait` for room when `max_pending` keys are dirty.
     pub(crate) async fn stage(
         &self,
         key: &str,
-        value: Option<Value>,
-        bytes: usize,
+        value: Option<Stored>,
         wait: Duration,
     ) -> Result<Staged, Full> {
-        let value = value.map(Arc::new);
         if let Some(mut slot) = self.slots.get_mut(key)
             && matches!(slot.state, SlotState::Dirty { .. })
         {
             let version = self.next_stamp();
             slot.value = value;
-            slot.bytes = bytes;
             slot.state = SlotState::Dirty { version };
-            self.replace_refused(key, &mut slot.refused);
+            if slot.refused != Refused::No {
+                let key = slot.key().clone();
+                self.replace_refused(&key, &mut slot.refused);
+            }
             // Before the slot is released: invariant 4 needs the stamp to
             // move before anything can make this key clean and evictable.
             self.bump_stripe(key);
@@ -279,7 +286,7 @@ impl Cache {
             },
         };
         let version = self.next_stamp();
-        let previous = self.replace_slot(key, value, bytes, SlotState::Dirty { version });
+        let (key, previous) = self.replace_slot(key, value, SlotState::Dirty { version });
         if matches!(previous, Some(SlotState::Clean { .. })) {
             self.clean_count.fetch_sub(1, Ordering::SeqCst);
         }
@@ -289,7 +296,7 @@ impl Cache {
             // The permit now belongs to this dirty key; `committed` returns it.
             permit.forget();
             self.dirty_count.fetch_add(1, Ordering::SeqCst);
-            lock(&self.queue).push(key.to_owned());
+            lock(&self.queue).push(key);
         }
         Ok(Staged {
             coalesced: !newly_dirty,
@@ -299,7 +306,7 @@ impl Cache {
 
     /// A newer write replaces a refused one (invariant 5): its record goes,
     /// and a parked key is queued again. Called under the slot's lock.
-    fn replace_refused(&self, key: &str, refused: &mut Refused) {
+    fn replace_refused(&self, key: &Key, refused: &mut Refused) {
         match std::mem::replace(refused, Refused::No) {
             Refused::No => {}
             Refused::Retrying => {
@@ -307,7 +314,7 @@ impl Cache {
             }
             Refused::Parked => {
                 lock(&self.refusals).remove(key);
-                lock(&self.queue).push(key.to_owned());
+                lock(&self.queue).push(key.clone());
             }
         }
     }
@@ -317,7 +324,7 @@ impl Cache {
     ///
     /// Parked keys whose retry time has come are returned apart: each is
     /// written alone, so a write refused again blocks no other key.
-    pub(crate) fn take_round(&self) -> (u64, Vec<String>, Vec<String>) {
+    pub(crate) fn take_round(&self) -> (u64, Vec<Key>, Vec<Key>) {
         let retries = self.take_due_retries();
         let mut queue = lock(&self.queue);
         queue.rounds_started += 1;
@@ -329,9 +336,9 @@ impl Cache {
         )
     }
 
-    fn take_due_retries(&self) -> Vec<String> {
+    fn take_due_retries(&self) -> Vec<Key> {
         let now = Instant::now();
-        let due: Vec<String> = lock(&self.refusals)
+        let due: Vec<Key> = lock(&self.refusals)
             .iter()
             .filter(|(_, refusal)| refusal.retry_at <= now)
             .map(|(key, _)| key.clone())
@@ -372,7 +379,7 @@ impl Cache {
     /// the key is parked until `retry_at`. Returns whether it was parked.
     pub(crate) fn refused(
         &self,
-        key: &str,
+        key: &Key,
         version: u64,
         reason: Arc<str>,
         retry_at: Instant,
@@ -380,11 +387,11 @@ impl Cache {
         match self.slots.get_mut(key) {
             Some(mut slot) if slot.state == (SlotState::Dirty { version }) => {
                 slot.refused = Refused::Parked;
-                lock(&self.refusals).insert(key.to_owned(), Refusal { reason, retry_at });
+                lock(&self.refusals).insert(key.clone(), Refusal { reason, retry_at });
                 true
             }
             _ => {
-                lock(&self.queue).push(key.to_owned());
+                lock(&self.queue).push(key.clone());
                 false
             }
         }
@@ -435,7 +442,6 @@ impl Cache {
             SlotState::Dirty { version } => Some(DirtyEntry {
                 version,
                 value: slot.value.clone(),
-                bytes: slot.bytes,
             }),
             SlotState::Clean { .. } => None,
         }
@@ -443,7 +449,7 @@ impl Cache {
 
     /// The flusher committed `version` of `key`: the slot turns clean, or, if
     /// a newer write arrived meanwhile, the key is queued again (invariant 3).
-    pub(crate) fn committed(&self, key: &str, version: u64, counters: &Counters) {
+    pub(crate) fn committed(&self, key: &Key, version: u64, counters: &Counters) {
         let stamp = self.next_stamp();
         let cleaned = match self.slots.get_mut(key) {
             Some(mut slot) if slot.state == (SlotState::Dirty { version }) => {
@@ -456,17 +462,17 @@ impl Cache {
             _ => false,
         };
         if !cleaned {
-            lock(&self.queue).push(key.to_owned());
+            lock(&self.queue).push(key.clone());
             return;
         }
         self.dirty_count.fetch_sub(1, Ordering::SeqCst);
         self.room.add_permits(1);
         self.clean_count.fetch_add(1, Ordering::SeqCst);
-        self.remember_clean(key.to_owned(), stamp, counters);
+        self.remember_clean(key.clone(), stamp, counters);
     }
 
     /// Puts keys whose batch failed back on the queue; they are still dirty.
-    pub(crate) fn requeue(&self, keys: impl IntoIterator<Item = String>) {
+    pub(crate) fn requeue(&self, keys: impl IntoIterator<Item = Key>) {
         let mut queue = lock(&self.queue);
         // The requeued keys have waited since their round's queue began.
         queue.waiting_since = queue.oldest();
@@ -474,50 +480,59 @@ impl Cache {
     }
 
     /// Write-through: the backend committed `value` for `key`.
-    pub(crate) fn store_clean(&self, key: &str, value: Option<Arc<Value>>, counters: &Counters) {
+    pub(crate) fn store_clean(&self, key: &str, value: Option<Stored>, counters: &Counters) {
         let stamp = self.next_stamp();
-        let previous = self.replace_slot(key, value, 0, SlotState::Clean { stamp });
+        let (key, previous) = self.replace_slot(key, value, SlotState::Clean { stamp });
         debug_assert!(!matches!(previous, Some(SlotState::Dirty { .. })));
         let newly_cached = previous.is_none();
         if newly_cached {
             self.clean_count.fetch_add(1, Ordering::SeqCst);
         }
-        self.remember_clean(key.to_owned(), stamp, counters);
+        self.remember_clean(key, stamp, counters);
     }
 
     /// Sets a key's value and state, creating its slot if needed, and moves
     /// the key's write stamp while the slot is still locked (invariant 4: a
     /// read that began before this write must not be cached, even if the
-    /// slot is evicted right after it is released). Returns the slot's
-    /// previous state.
+    /// slot is evicted right after it is released). Returns the slot's key
+    /// (shared, so that the queues hold no copy of it) and previous state.
     /// A refused write it replaces is handled as in `stage` (invariant 5).
     fn replace_slot(
         &self,
         key: &str,
-        value: Option<Arc<Value>>,
-        bytes: usize,
+        value: Option<Stored>,
         state: SlotState,
-    ) -> Option<SlotState> {
-        match self.slots.entry(key.to_owned()) {
+    ) -> (Key, Option<SlotState>) {
+        if let Some(mut slot) = self.slots.get_mut(key) {
+            let previous = slot.state;
+            slot.value = value;
+            slot.state = state;
+            let key = slot.key().clone();
+            self.replace_refused(&key, &mut slot.refused);
+            self.bump_stripe(&key);
+            return (key, Some(previous));
+        }
+        match self.slots.entry(Key::from(key)) {
+            // Created by another write since the lookup above.
             Entry::Occupied(mut occupied) => {
+                let key = occupied.key().clone();
                 let slot = occupied.get_mut();
                 let previous = slot.state;
                 slot.value = value;
-                slot.bytes = bytes;
                 slot.state = state;
-                self.replace_refused(key, &mut slot.refused);
-                self.bump_stripe(key);
-                Some(previous)
+                self.replace_refused(&key, &mut slot.refused);
+                self.bump_stripe(&key);
+                (key, Some(previous))
             }
             Entry::Vacant(vacant) => {
+                let key = vacant.key().clone();
                 let _locked = vacant.insert(Slot {
                     value,
-                    bytes,
                     state,
                     refused: Refused::No,
                 });
-                self.bump_stripe(key);
-                None
+                self.bump_stripe(&key);
+                (key, None)
             }
         }
     }
@@ -538,7 +553,7 @@ impl Cache {
 
     /// Queues a clean key for eviction and evicts the oldest clean entries
     /// while there are more than `capacity`.
-    fn remember_clean(&self, key: String, stamp: u64, counters: &Counters) {
+    fn remember_clean(&self, key: Key, stamp: u64, counters: &Counters) {
         {
             let mut order = lock(&self.clean_order);
             order.push_back((key, stamp));
@@ -586,12 +601,12 @@ mod tests {
     use super::*;
     use crate::test_hooks;
 
-    fn stage_now(cache: &Cache, key: &str, value: Value) -> u64 {
+    fn stage_now(cache: &Cache, key: &str, value: serde_json::Value) -> u64 {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .unwrap()
-            .block_on(cache.stage(key, Some(value), 1, Duration::ZERO))
+            .block_on(cache.stage(key, Some(Stored::from(value.to_string())), Duration::ZERO))
             .unwrap()
             .version
     }
@@ -608,20 +623,20 @@ mod tests {
             let (cache, counters) = (cache.clone(), counters.clone());
             move || {
                 let version = stage_now(&cache, "k", serde_json::json!("new"));
-                cache.committed("k", version, &counters);
+                cache.committed(&Key::from("k"), version, &counters);
                 // Capacity 1: a second clean key evicts "k".
                 let other = stage_now(&cache, "other", serde_json::json!(0));
-                cache.committed("other", other, &counters);
+                cache.committed(&Key::from("other"), other, &counters);
             }
         });
         let Lookup::Miss(ticket) = cache.lookup("k", &counters) else {
             panic!("k was evicted before the lookup looked for it");
         };
         // The read began before the write and returns what it saw then.
-        cache.fill("k", Some(serde_json::json!("old")), ticket, &counters);
+        cache.fill("k", Some(Stored::from("\"old\"")), ticket, &counters);
         match cache.lookup("k", &counters) {
             Lookup::Hit(Some(value)) => {
-                assert_ne!(*value, serde_json::json!("old"), "a stale read was cached")
+                assert_ne!(&*value, "\"old\"", "a stale read was cached")
             }
             Lookup::Hit(None) | Lookup::Miss(_) => {}
         }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::PostgresStateStore;
 use crate::backend::{BatchError, StateBackend};
-use crate::cache::{Cache, Lookup, STRIPES};
+use crate::cache::{Cache, Lookup, STRIPES, Stored};
 use crate::config::{CacheOptions, Durability};
 use crate::flusher::{self, Engine, RoundOutcome, deadline_after};
 use crate::lock::lock;
@@ -241,7 +241,7 @@ impl<B: StateBackend> CachedStateStore<B> {
             .refused_writes()
             .into_iter()
             .map(|write| RefusedWrite {
-                key: write.key,
+                key: write.key.to_string(),
                 reason: write.reason.to_string(),
             })
             .collect();
@@ -277,18 +277,20 @@ impl<B: StateBackend> CachedStateStore<B> {
 
     async fn write(&self, key: &str, value: Option<&Value>) -> Result<(), FaucetError> {
         let writer = self.enter(key)?;
-        let value_bytes = match value {
-            Some(value) => self.engine.backend.validate(key, value)?,
+        // Encoded once, here: the cache holds the text, batches are measured
+        // by it and the flusher sends it as is.
+        let stored: Option<Stored> = match value {
+            Some(value) => Some(Stored::from(self.engine.backend.encode(key, value)?)),
             None => {
                 validate_state_key(key)?;
-                0
+                None
             }
         };
         let counters = &self.engine.counters;
         let durability = self.engine.options.get_durability();
         if durability == Durability::WriteThrough {
             // Dropped on time-out: the guard in write_through invalidates the key.
-            self.within_write_timeout(self.write_through(key, value))
+            self.within_write_timeout(self.write_through(key, stored))
                 .await
                 .map_err(|_| {
                     FaucetError::State(format!(
@@ -311,12 +313,7 @@ impl<B: StateBackend> CachedStateStore<B> {
         let staged = self
             .engine
             .cache
-            .stage(
-                key,
-                value.cloned(),
-                value_bytes.saturating_add(key.len()),
-                self.engine.options.get_put_timeout(),
-            )
+            .stage(key, stored, self.engine.options.get_put_timeout())
             .await
             .map_err(|_| report::full_error(&self.engine, key))?;
         // Checked again once staged: a flusher that died before this write
@@ -385,10 +382,9 @@ impl<B: StateBackend> CachedStateStore<B> {
         Ok(())
     }
 
-    async fn write_through(&self, key: &str, value: Option<&Value>) -> Result<(), FaucetError> {
+    async fn write_through(&self, key: &str, value: Option<Stored>) -> Result<(), FaucetError> {
         let stripe = self.engine.cache.stripe_of(key);
         let _in_order = self.write_through_locks[stripe].lock().await;
-        let value = value.map(|v| Arc::new(v.clone()));
         // If this future is dropped while the statement is in flight, the
         // write may or may not have committed: the cached value can no longer
         // be trusted, so the next read goes to the table.
@@ -399,18 +395,8 @@ impl<B: StateBackend> CachedStateStore<B> {
         };
         let started = std::time::Instant::now();
         let result = match &value {
-            Some(value) => {
-                self.engine
-                    .backend
-                    .write_batch(&[(key.to_owned(), value.clone())], &[])
-                    .await
-            }
-            None => {
-                self.engine
-                    .backend
-                    .write_batch(&[], &[key.to_owned()])
-                    .await
-            }
+            Some(value) => self.engine.backend.write_batch(&[(key, value)], &[]).await,
+            None => self.engine.backend.write_batch(&[], &[key]).await,
         };
         match result {
             Ok(()) => {
@@ -490,13 +476,21 @@ impl<B: StateBackend> StateStore for CachedStateStore<B> {
         validate_state_key(key)?;
         let counters = &self.engine.counters;
         match self.engine.cache.lookup(key, counters) {
-            Lookup::Hit(value) => Ok(value.map(|v| Value::clone(&v))),
+            Lookup::Hit(stored) => stored
+                .map(|text| self.engine.backend.decode(key, &text))
+                .transpose(),
             Lookup::Miss(ticket) => {
-                let loaded = self.engine.backend.load(key).await?;
+                let Some(text) = self.engine.backend.load(key).await? else {
+                    self.engine.cache.fill(key, None, ticket, counters);
+                    return Ok(None);
+                };
+                // Decoded before it is cached: text that cannot be read is
+                // reported, never kept.
+                let value = self.engine.backend.decode(key, &text)?;
                 self.engine
                     .cache
-                    .fill(key, loaded.clone(), ticket, counters);
-                Ok(loaded)
+                    .fill(key, Some(Stored::from(text)), ticket, counters);
+                Ok(Some(value))
             }
         }
     }

@@ -20,13 +20,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use faucet_core::FaucetError;
-use serde_json::Value;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::backend::{BatchError, StateBackend};
-use crate::cache::{Cache, DirtyEntry};
+use crate::cache::{Cache, DirtyEntry, Key};
 use crate::config::{CacheOptions, Durability, RETRY_BACKOFF_START};
 use crate::stats::Counters;
 
@@ -227,7 +226,7 @@ async fn let_writers_catch_up<B: StateBackend>(engine: &Engine<B>) {
 
 /// The writes of one batch, in key order, as they were when the round took
 /// them.
-type Batch = Vec<(String, DirtyEntry)>;
+type Batch = Vec<(Key, DirtyEntry)>;
 
 /// One round: every queued key, in batches of at most `max_batch` keys and
 /// `max_batch_bytes` bytes, then each parked key that is due, alone.
@@ -288,7 +287,7 @@ async fn run_round<B: StateBackend>(engine: &Engine<B>) -> Result<(), ()> {
 /// Cuts the dirty writes of `keys` (sorted) into batches of at most
 /// `max_batch` keys and `max_batch_bytes` encoded bytes; a write larger than
 /// `max_batch_bytes` goes alone.
-fn batches<B: StateBackend>(engine: &Engine<B>, keys: Vec<String>) -> Vec<Batch> {
+fn batches<B: StateBackend>(engine: &Engine<B>, keys: Vec<Key>) -> Vec<Batch> {
     let max_keys = engine.options.get_max_batch();
     let max_bytes = engine.options.get_max_batch_bytes();
     let mut batches = Vec::new();
@@ -299,12 +298,13 @@ fn batches<B: StateBackend>(engine: &Engine<B>, keys: Vec<String>) -> Vec<Batch>
         let Some(entry) = engine.cache.dirty_entry(&key) else {
             continue;
         };
-        let full = current.len() >= max_keys || bytes.saturating_add(entry.bytes) > max_bytes;
+        let entry_bytes = entry.bytes(&key);
+        let full = current.len() >= max_keys || bytes.saturating_add(entry_bytes) > max_bytes;
         if full && !current.is_empty() {
             batches.push(std::mem::take(&mut current));
             bytes = 0;
         }
-        bytes = bytes.saturating_add(entry.bytes);
+        bytes = bytes.saturating_add(entry_bytes);
         current.push((key, entry));
     }
     if !current.is_empty() {
@@ -315,7 +315,7 @@ fn batches<B: StateBackend>(engine: &Engine<B>, keys: Vec<String>) -> Vec<Batch>
 
 fn batches_of_one<B: StateBackend>(
     engine: &Engine<B>,
-    keys: Vec<String>,
+    keys: Vec<Key>,
 ) -> impl Iterator<Item = Batch> + '_ {
     keys.into_iter().filter_map(|key| {
         let entry = engine.cache.dirty_entry(&key)?;
@@ -351,12 +351,12 @@ fn park<B: StateBackend>(engine: &Engine<B>, batch: Batch, error: &FaucetError) 
 /// Writes one batch in one `write_batch` call and marks what it carried as
 /// committed.
 async fn write_batch<B: StateBackend>(engine: &Engine<B>, batch: &Batch) -> Result<(), BatchError> {
-    let mut upserts: Vec<(String, Arc<Value>)> = Vec::with_capacity(batch.len());
-    let mut deletes: Vec<String> = Vec::new();
+    let mut upserts: Vec<(&str, &str)> = Vec::with_capacity(batch.len());
+    let mut deletes: Vec<&str> = Vec::new();
     for (key, entry) in batch {
         match &entry.value {
-            Some(value) => upserts.push((key.clone(), value.clone())),
-            None => deletes.push(key.clone()),
+            Some(value) => upserts.push((key, value)),
+            None => deletes.push(key),
         }
     }
     let span = tracing::info_span!(

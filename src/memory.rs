@@ -222,12 +222,16 @@ fn unavailable() -> BatchError {
 
 #[async_trait]
 impl StateBackend for MemoryBackend {
-    fn validate(&self, key: &str, value: &Value) -> Result<usize, FaucetError> {
+    fn encode(&self, key: &str, value: &Value) -> Result<String, FaucetError> {
         validate_state_key(key)?;
-        Ok(codec::validate(key, value, self.max_value_bytes)?)
+        Ok(codec::encode(key, value, self.max_value_bytes)?)
     }
 
-    async fn load(&self, key: &str) -> Result<Option<Value>, FaucetError> {
+    fn decode(&self, key: &str, stored: &str) -> Result<Value, FaucetError> {
+        Ok(codec::decode_text(key, "memory", stored)?)
+    }
+
+    async fn load(&self, key: &str) -> Result<Option<String>, FaucetError> {
         validate_state_key(key)?;
         if lock(&self.faults).unavailable {
             self.loads.send_modify(|n| *n += 1);
@@ -236,13 +240,16 @@ impl StateBackend for MemoryBackend {
         let row = lock(&self.rows).get(key).cloned();
         self.loads.send_modify(|n| *n += 1);
         let _open = self.load_gate.read().await;
-        Ok(row)
+        // A row put with `insert_row` may be one no `put` would accept.
+        Ok(row
+            .map(|value| codec::encode(key, &value, usize::MAX))
+            .transpose()?)
     }
 
     async fn write_batch(
         &self,
-        upserts: &[(String, Arc<Value>)],
-        deletes: &[String],
+        upserts: &[(&str, &str)],
+        deletes: &[&str],
     ) -> Result<(), BatchError> {
         self.attempts.send_modify(|n| *n += 1);
         let _open = self.gate.read().await;
@@ -267,23 +274,29 @@ impl StateBackend for MemoryBackend {
             }
             if let Some((key, _)) = upserts
                 .iter()
-                .find(|(key, _)| faults.refused_keys.contains(key))
+                .find(|(key, _)| faults.refused_keys.contains(*key))
             {
                 return Err(BatchError::Refused(FaucetError::State(format!(
                     "memory backend refused the value of key '{key}' (fault injected)"
                 ))));
             }
         }
+        // Decoded before anything is applied: a batch is all or nothing.
+        let values = upserts
+            .iter()
+            .map(|(key, text)| codec::decode_text(key, "memory", text))
+            .collect::<Result<Vec<Value>, _>>()
+            .map_err(|e| BatchError::Refused(e.into()))?;
         let mut bytes = 0;
         {
             let mut rows = lock(&self.rows);
-            for (key, value) in upserts {
-                bytes += key.len() + value.to_string().len();
-                rows.insert(key.clone(), Value::clone(value));
+            for ((key, text), value) in upserts.iter().zip(values) {
+                bytes += key.len() + text.len();
+                rows.insert((*key).to_owned(), value);
             }
             for key in deletes {
                 bytes += key.len();
-                rows.remove(key);
+                rows.remove(*key);
             }
         }
         lock(&self.committed).push((upserts.len() + deletes.len(), bytes));

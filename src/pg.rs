@@ -238,7 +238,7 @@ impl PostgresStateStore {
     /// error; an empty slice sends nothing.
     pub async fn delete_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<(), FaucetError> {
         let keys = validated_keys(keys)?;
-        Ok(self.apply(&[], &[], &keys).await?)
+        Ok(self.apply::<&str>(&[], &[], &keys).await?)
     }
 
     /// Reads many keys in one statement. The result is aligned with `keys`:
@@ -280,10 +280,10 @@ impl PostgresStateStore {
     /// Upserts `upsert_keys` (with the encoded `upsert_texts`, pairwise) and
     /// deletes `delete_keys` in one statement, the cheapest that does the job.
     /// Keys must be distinct across both lists. Empty lists send nothing.
-    pub(crate) async fn apply(
+    pub(crate) async fn apply<S: AsRef<str>>(
         &self,
         upsert_keys: &[&str],
-        upsert_texts: &[String],
+        upsert_texts: &[S],
         delete_keys: &[&str],
     ) -> Result<(), StoreError> {
         let Some(sql) = self.sql.write(upsert_keys, upsert_texts, delete_keys) else {
@@ -301,6 +301,14 @@ impl PostgresStateStore {
 
     /// Sends one message (see `exec.rs`: a deadline, retries on a lost
     /// connection) and describes a failure for the user.
+    /// The stored JSON text of `key`'s value, as the server prints it.
+    pub(crate) async fn get_text(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let rows = self.run("get", &self.sql.get(key)).await?;
+        rows.first()
+            .map(|row| decode::<String>(row, 0, self.table()))
+            .transpose()
+    }
+
     async fn run(&self, op: &'static str, sql: &str) -> Result<Vec<PgRow>, StoreError> {
         self.exec.fetch(sql).await.map_err(|e| StoreError::Query {
             op,
@@ -338,12 +346,8 @@ fn validated_keys<K: AsRef<str>>(keys: &[K]) -> Result<Vec<&str>, FaucetError> {
 impl StateStore for PostgresStateStore {
     async fn get(&self, key: &str) -> Result<Option<Value>, FaucetError> {
         validate_state_key(key)?;
-        let rows = self.run("get", &self.sql.get(key)).await?;
-        match rows.first() {
-            Some(row) => {
-                let Json(stored) = decode::<Json<Value>>(row, 0, self.table())?;
-                Ok(Some(codec::decode(key, self.table(), stored)?))
-            }
+        match self.get_text(key).await? {
+            Some(stored) => Ok(Some(codec::decode_text(key, self.table(), &stored)?)),
             None => Ok(None),
         }
     }
@@ -356,7 +360,7 @@ impl StateStore for PostgresStateStore {
 
     async fn delete(&self, key: &str) -> Result<(), FaucetError> {
         validate_state_key(key)?;
-        Ok(self.apply(&[], &[], &[key]).await?)
+        Ok(self.apply::<&str>(&[], &[], &[key]).await?)
     }
 
     /// Three probes, each bounded by `ctx.timeout`: `connect` (reach the

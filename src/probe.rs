@@ -7,7 +7,6 @@ use faucet_core::check::{CheckContext, CheckReport, Probe};
 use faucet_core::state::DOCTOR_SENTINEL_KEY;
 use serde_json::json;
 use sqlx::Row;
-use sqlx::types::Json;
 
 use crate::config::TableName;
 use crate::error::{cause_of, hint_for};
@@ -99,13 +98,14 @@ async fn sentinel_round_trip(
     let rows = exec
         .fetch(&statements.sentinel(DOCTOR_SENTINEL_KEY, &probe_value.to_string()))
         .await?;
-    let read: Option<Json<serde_json::Value>> =
-        rows.first().map(|row| row.try_get(0)).transpose()?;
-    Ok(match read {
-        Some(Json(v)) if v == probe_value => None,
-        other => Some(format!(
-            "wrote {probe_value} to the sentinel key but read back {:?}",
-            other.map(|Json(v)| v)
+    let read: Option<String> = rows.first().map(|row| row.try_get(0)).transpose()?;
+    let parsed = read
+        .as_deref()
+        .map(serde_json::from_str::<serde_json::Value>);
+    Ok(match parsed {
+        Some(Ok(v)) if v == probe_value => None,
+        _ => Some(format!(
+            "wrote {probe_value} to the sentinel key but read back {read:?}"
         )),
     })
 }

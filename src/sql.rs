@@ -130,7 +130,7 @@ impl Statements {
     }
 
     fn push_get(&self, sql: &mut String, key: &str) {
-        let _ = write!(sql, "SELECT value FROM {} WHERE key = ", self.table);
+        let _ = write!(sql, "SELECT value::text FROM {} WHERE key = ", self.table);
         push_literal(sql, key);
     }
 
@@ -154,17 +154,17 @@ impl Statements {
     /// cheapest that does the job. Data-modifying CTEs share a snapshot,
     /// which is safe here because no key is both upserted and deleted.
     /// `None` when there is nothing to do.
-    pub(crate) fn write(
+    pub(crate) fn write<S: AsRef<str>>(
         &self,
         keys: &[&str],
-        values: &[String],
+        values: &[S],
         deletes: &[&str],
     ) -> Option<String> {
         debug_assert_eq!(keys.len(), values.len());
         let keys_bytes = |keys: &[&str]| keys.iter().map(|k| k.len() + 6).sum::<usize>();
         match (keys, values, deletes) {
             ([], _, []) => None,
-            ([key], [value], []) => Some(self.put(key, value)),
+            ([key], [value], []) => Some(self.put(key, value.as_ref())),
             ([], _, [key]) => Some(self.delete(key)),
             ([], _, deletes) => {
                 let mut sql = self.start(keys_bytes(deletes));
@@ -176,7 +176,7 @@ impl Statements {
             (keys, values, deletes) => {
                 let size = keys_bytes(keys)
                     + keys_bytes(deletes)
-                    + values.iter().map(|v| v.len() + 6).sum::<usize>();
+                    + values.iter().map(|v| v.as_ref().len() + 6).sum::<usize>();
                 let mut sql = self.start(size);
                 if !deletes.is_empty() {
                     let _ = write!(
@@ -309,8 +309,7 @@ mod tests {
             sql.get("k"),
             sql.put("k", "1"),
             sql.delete("k"),
-            sql.write(&["a", "b"], &["1".into(), "2".into()], &["c"])
-                .unwrap(),
+            sql.write(&["a", "b"], &["1", "2"], &["c"]).unwrap(),
             sql.get_many(&["a"]),
             sql.list("p"),
             sql.sentinel("k", "1"),
