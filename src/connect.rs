@@ -18,12 +18,14 @@
 //!   the outcome.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use crate::error::{StoreError, describe_sqlx};
+use crate::session::SessionSettings;
 
 /// How long a caller waits for a pool connection before giving up.
 pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,27 +41,35 @@ const KEEPALIVE_SQL: &str =
     "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3";
 
 /// Pool settings shared by every constructor that opens its own pool.
-pub(crate) fn pool_options(max_connections: u32) -> PgPoolOptions {
+pub(crate) fn pool_options(max_connections: u32, session: Arc<SessionSettings>) -> PgPoolOptions {
+    let on_acquire = session.clone();
     PgPoolOptions::new()
         .max_connections(max_connections)
         .test_before_acquire(false)
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        .after_connect(|conn, _meta| {
+        .after_connect(move |conn, _meta| {
+            let session = session.clone();
             Box::pin(async move {
-                sqlx::Executor::execute(conn, sqlx::raw_sql(KEEPALIVE_SQL)).await?;
+                sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(KEEPALIVE_SQL)).await?;
+                if let Some(sql) = session.on_connect_sql() {
+                    sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(&sql)).await?;
+                }
                 Ok(())
             })
         })
+        // Not a ping: no round trip. A connection opened before the mode or
+        // the timeout changed is dropped and replaced (see `session.rs`).
+        .before_acquire(move |_conn, meta| {
+            let current = on_acquire.is_current(meta.age);
+            Box::pin(async move { Ok(current) })
+        })
 }
 
-/// Opens a pool, so that a wrong URL, password or address is reported by the
-/// constructor rather than by the first `put`.
-///
-/// The first connection is opened directly, outside the pool: the pool keeps
-/// retrying a failed connect until its acquire timeout and then reports only
-/// that it timed out, while a direct connect fails at once with the cause
-/// (refused, bad password, unknown database).
-pub(crate) async fn connect_pool(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+pub(crate) async fn connect_pool(
+    url: &str,
+    max_connections: u32,
+    session: Arc<SessionSettings>,
+) -> Result<PgPool, StoreError> {
     let connect_error = |e: sqlx::Error| StoreError::Connect {
         target: redact_url(url),
         reason: scrub_password(describe_sqlx(&e), url),
@@ -74,7 +84,7 @@ pub(crate) async fn connect_pool(url: &str, max_connections: u32) -> Result<PgPo
         .map_err(connect_error)?;
     // The pool opens its own connections; this one has done its job.
     let _ = first.close().await;
-    pool_options(max_connections)
+    pool_options(max_connections, session)
         .connect_with(options)
         .await
         .map_err(connect_error)

@@ -22,9 +22,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgRow, Postgres};
+use sqlx::{Execute, PgPool};
 
 use crate::error::is_connection_lost;
 
@@ -62,13 +62,26 @@ impl Executor {
     /// Sends `sql` (one simple-protocol message) and returns the rows of its
     /// statements, retrying on lost connections (see the module docs).
     pub(crate) async fn fetch(&self, sql: &str) -> Result<Vec<PgRow>, sqlx::Error> {
+        self.fetch_with(|| sqlx::raw_sql(sql)).await
+    }
+
+    /// Runs the query `build` makes (a prepared statement and its
+    /// arguments, or a raw message) and returns its rows, retrying on lost
+    /// connections with a fresh query each time.
+    pub(crate) async fn fetch_with<'q, E>(
+        &self,
+        build: impl Fn() -> E + Send + Sync,
+    ) -> Result<Vec<PgRow>, sqlx::Error>
+    where
+        E: Execute<'q, Postgres> + Send + 'q,
+    {
         let attempts = self.pool.options().get_max_connections() + 1;
-        let mut result = self.attempt(sql).await;
+        let mut result = self.attempt(build()).await;
         for retry in 1..attempts {
             match &result {
                 Err(e) if is_connection_lost(e) && !is_deadline(e) => {
                     tracing::debug!(retry, error = %e, "connection lost; sending again on another");
-                    result = self.attempt(sql).await;
+                    result = self.attempt(build()).await;
                 }
                 _ => break,
             }
@@ -76,7 +89,10 @@ impl Executor {
         result
     }
 
-    async fn attempt(&self, sql: &str) -> Result<Vec<PgRow>, sqlx::Error> {
+    async fn attempt<'q, E>(&self, query: E) -> Result<Vec<PgRow>, sqlx::Error>
+    where
+        E: Execute<'q, Postgres> + Send + 'q,
+    {
         let deadline = tokio::time::Instant::now() + self.client_deadline();
         let conn = tokio::time::timeout_at(deadline, self.pool.acquire())
             .await
@@ -85,7 +101,7 @@ impl Executor {
             conn,
             answered: false,
         };
-        let answer = tokio::time::timeout_at(deadline, fetch_on(&mut conn.conn, sql))
+        let answer = tokio::time::timeout_at(deadline, fetch_on(&mut conn.conn, query))
             .await
             .map_err(|_| {
                 self.deadline_error(
@@ -118,11 +134,14 @@ impl Executor {
 /// called inside an `async fn`, sqlx's lifetime-generic executor impl for
 /// `&mut PgConnection` keeps the compiler from proving the callers'
 /// `async_trait` futures `Send`.
-fn fetch_on<'c>(
+fn fetch_on<'c, 'q: 'c, E>(
     conn: &'c mut PgConnection,
-    sql: &'c str,
-) -> Pin<Box<dyn Future<Output = Result<Vec<PgRow>, sqlx::Error>> + Send + 'c>> {
-    sqlx::Executor::fetch_all(conn, sqlx::raw_sql(sql))
+    query: E,
+) -> Pin<Box<dyn Future<Output = Result<Vec<PgRow>, sqlx::Error>> + Send + 'c>>
+where
+    E: Execute<'q, Postgres> + Send + 'q,
+{
+    sqlx::Executor::fetch_all(conn, query)
 }
 
 /// The client-side deadline passed: not a lost connection to retry at once.

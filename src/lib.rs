@@ -252,6 +252,7 @@ mod pg;
 mod probe;
 mod report;
 mod schema;
+mod session;
 mod settings;
 mod sql;
 mod stats;

@@ -83,6 +83,11 @@ pub struct PostgresStateConfig {
     /// client. Default `30s`; at least `1ms`.
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
+    /// Send statements as prepared statements: about twice as fast, but only
+    /// for connections that keep their session (not PgBouncer in
+    /// transaction mode before 1.21); see
+    /// [`PostgresStateStore::with_prepared_statements`]. Default `false`.
+    pub prepared_statements: bool,
 }
 
 impl Default for PostgresStateConfig {
@@ -105,6 +110,7 @@ impl Default for PostgresStateConfig {
             retry_backoff_max: cache.get_retry_backoff_max(),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            prepared_statements: false,
         }
     }
 }
@@ -157,7 +163,8 @@ impl PostgresStateConfig {
         let plain = PostgresStateStore::connect_with(&self.url, self.max_connections, &self.table)
             .await?
             .with_max_value_bytes(self.max_value_bytes)
-            .with_statement_timeout(self.statement_timeout);
+            .with_statement_timeout(self.statement_timeout)
+            .with_prepared_statements(self.prepared_statements);
         if self.ensure_table {
             plain.ensure_table().await?;
         }
@@ -188,6 +195,7 @@ impl fmt::Debug for PostgresStateConfig {
             .field("retry_backoff_max", &self.retry_backoff_max)
             .field("max_value_bytes", &self.max_value_bytes)
             .field("statement_timeout", &self.statement_timeout)
+            .field("prepared_statements", &self.prepared_statements)
             .finish()
     }
 }

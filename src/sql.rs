@@ -245,6 +245,51 @@ impl Statements {
     }
 }
 
+/// The statements of one table as parameterized text, for
+/// [prepared mode](crate::PostgresStateStore::with_prepared_statements):
+/// each is prepared once per connection (sqlx caches it by its text) and
+/// then costs one round trip and no parse or plan. The server-side timeout
+/// is the session's `statement_timeout` there (see `session.rs`), not a
+/// prelude.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    /// `$1` key → the value as JSON text.
+    pub get: String,
+    /// `$1` key, `$2` JSON text.
+    pub put: String,
+    /// `$1` key.
+    pub delete: String,
+    /// `$1` keys, `$2` JSON texts (pairwise).
+    pub upsert_many: String,
+    /// `$1` keys.
+    pub delete_many: String,
+    /// `$1` keys, `$2` JSON texts, `$3` keys to delete (disjoint).
+    pub write: String,
+}
+
+const ON_CONFLICT: &str =
+    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = NOW()";
+
+impl Prepared {
+    pub(crate) fn new(table: &TableName) -> Self {
+        let t = table.quoted();
+        let upsert_many = format!(
+            "INSERT INTO {t} (key, value) SELECT k, v::jsonb \
+             FROM UNNEST($1::text[], $2::text[]) AS batch(k, v) {ON_CONFLICT}"
+        );
+        Self {
+            get: format!("SELECT value::text FROM {t} WHERE key = $1"),
+            put: format!("INSERT INTO {t} (key, value) VALUES ($1, $2::jsonb) {ON_CONFLICT}"),
+            delete: format!("DELETE FROM {t} WHERE key = $1"),
+            write: format!(
+                "WITH deleted AS (DELETE FROM {t} WHERE key = ANY($3::text[])) {upsert_many}"
+            ),
+            delete_many: format!("DELETE FROM {t} WHERE key = ANY($1::text[])"),
+            upsert_many,
+        }
+    }
+}
+
 /// `CREATE TABLE` for the state-store layout; also quoted in error hints for
 /// operators who must create the table out of band.
 pub(crate) fn create_table_sql(table: &TableName) -> String {

@@ -175,27 +175,38 @@ macro_rules! conformance {
             }
         )+
     };
+    // A store in prepared mode: not behind a transaction pooler.
+    ($suite:ident, $make:expr, direct_connections_only) => {
+        conformance!($suite, {
+            if support::via_pgbouncer() {
+                eprintln!("skipped: prepared statements need connections that keep their session");
+                return;
+            }
+            $make
+        });
+    };
 }
 
 async fn memory() -> Subject {
     Subject::unbuffered(Arc::new(MemoryStateStore::new()))
 }
 
-async fn plain_store() -> PostgresStateStore {
+async fn plain_store(prepared: bool) -> PostgresStateStore {
     let table = support::unique_table("conformance");
     let store = PostgresStateStore::connect_with(&support::database_url(), 2, &table)
         .await
-        .unwrap();
+        .unwrap()
+        .with_prepared_statements(prepared);
     store.ensure_table().await.unwrap();
     store
 }
 
-async fn plain() -> Subject {
-    Subject::unbuffered(Arc::new(plain_store().await))
+async fn plain(prepared: bool) -> Subject {
+    Subject::unbuffered(Arc::new(plain_store(prepared).await))
 }
 
-async fn cached(durability: Durability) -> Subject {
-    let plain = plain_store().await;
+async fn cached(durability: Durability, prepared: bool) -> Subject {
+    let plain = plain_store(prepared).await;
     let persisted: Store =
         Arc::new(PostgresStateStore::from_pool(plain.pool().clone(), plain.table()).unwrap());
     let cached = Arc::new(
@@ -214,7 +225,32 @@ async fn cached(durability: Durability) -> Subject {
 }
 
 conformance!(memory_store, memory().await);
-conformance!(plain_store, plain().await);
-conformance!(cached_write_through, cached(Durability::WriteThrough).await);
-conformance!(cached_group_commit, cached(Durability::GroupCommit).await);
-conformance!(cached_write_behind, cached(Durability::WriteBehind).await);
+conformance!(plain_store, plain(false).await);
+conformance!(
+    cached_write_through,
+    cached(Durability::WriteThrough, false).await
+);
+conformance!(
+    cached_group_commit,
+    cached(Durability::GroupCommit, false).await
+);
+conformance!(
+    cached_write_behind,
+    cached(Durability::WriteBehind, false).await
+);
+conformance!(plain_prepared, plain(true).await, direct_connections_only);
+conformance!(
+    cached_write_through_prepared,
+    cached(Durability::WriteThrough, true).await,
+    direct_connections_only
+);
+conformance!(
+    cached_group_commit_prepared,
+    cached(Durability::GroupCommit, true).await,
+    direct_connections_only
+);
+conformance!(
+    cached_write_behind_prepared,
+    cached(Durability::WriteBehind, true).await,
+    direct_connections_only
+);

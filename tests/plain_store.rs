@@ -389,3 +389,69 @@ async fn rows_are_plain_sql_readable_and_foreign_rows_are_readable() {
         Some(json!([1, {"x": null}]))
     );
 }
+
+/// Prepared mode: the statements are named prepared statements on the
+/// connection (one pooled connection, so the check sees the same session),
+/// they read and write the same rows as the default mode, and the session
+/// carries the store's statement timeout, so the server still bounds them.
+#[tokio::test]
+async fn prepared_mode_prepares_statements_and_keeps_the_server_side_timeout() {
+    if support::via_pgbouncer() {
+        eprintln!("skipped: prepared statements need connections that keep their session");
+        return;
+    }
+    let table = support::unique_table("prepared");
+    let store = PostgresStateStore::connect_with(&support::database_url(), 1, &table)
+        .await
+        .unwrap()
+        .with_prepared_statements(true)
+        .with_statement_timeout(std::time::Duration::from_millis(300));
+    store.ensure_table().await.unwrap();
+    assert!(store.prepared_statements());
+
+    store.put("a", &json!({"v": 1})).await.unwrap();
+    store
+        .put_many(&[("b", json!(2)), ("c", json!("nul\u{0}"))])
+        .await
+        .unwrap();
+    store.delete_many(&["b"]).await.unwrap();
+    assert_eq!(store.get("a").await.unwrap(), Some(json!({"v": 1})));
+    assert_eq!(store.get("b").await.unwrap(), None);
+    assert_eq!(store.get("c").await.unwrap(), Some(json!("nul\u{0}")));
+    // The default mode reads what prepared mode wrote.
+    let simple = PostgresStateStore::from_pool(store.pool().clone(), &table).unwrap();
+    assert_eq!(simple.get("c").await.unwrap(), Some(json!("nul\u{0}")));
+
+    let (prepared, timeout): (i64, String) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql), \
+         current_setting('statement_timeout')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert!(
+        prepared >= 3,
+        "{prepared} prepared statements on the connection"
+    );
+    assert_eq!(timeout, "300ms");
+
+    // A put that waits on a row lock longer than the timeout is cancelled by
+    // the server (SQLSTATE 57014), not by the client one second later.
+    let holder = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&support::database_url())
+        .await
+        .unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM \"{table}\" WHERE key = 'a' FOR UPDATE"
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let err = store.put("a", &json!(2)).await.unwrap_err().to_string();
+    assert!(err.contains("statement timeout"), "{err}");
+    tx.rollback().await.unwrap();
+    store.put("a", &json!(3)).await.unwrap();
+    assert_eq!(store.get("a").await.unwrap(), Some(json!(3)));
+}

@@ -36,10 +36,15 @@ pub const SUPERUSER_PASSWORD: &str = "throwaway-superuser-pw";
 /// pooling mode, in front of the throwaway server.
 pub const VIA_PGBOUNCER: &str = "FAUCET_TEST_VIA_PGBOUNCER";
 
+/// Whether the tests run behind PgBouncer in transaction mode (`VIA_PGBOUNCER`).
+pub fn via_pgbouncer() -> bool {
+    std::env::var(VIA_PGBOUNCER).is_ok_and(|v| !v.is_empty())
+}
+
 /// The server for this process: `DATABASE_URL`, or a throwaway one; behind a
 /// throwaway PgBouncer in transaction pooling mode when `VIA_PGBOUNCER` is set.
 pub fn database_url() -> String {
-    let via_pgbouncer = std::env::var(VIA_PGBOUNCER).is_ok_and(|v| !v.is_empty());
+    let via_pgbouncer = via_pgbouncer();
     if let Ok(url) = std::env::var("DATABASE_URL")
         && !url.is_empty()
     {

@@ -1,0 +1,85 @@
+//! Session settings of the connections a store opens itself, which
+//! [prepared mode](crate::PostgresStateStore::with_prepared_statements)
+//! needs.
+//!
+//! A simple-protocol message bounds itself with `SET LOCAL
+//! statement_timeout` (see `sql.rs`). A prepared statement cannot carry a
+//! prelude in the same round trip, so in prepared mode the bound is the
+//! session's `statement_timeout`, set when a connection opens. Changing the
+//! mode or the timeout later retires the connections opened before the
+//! change: the pool drops them on their next acquire and opens fresh ones.
+//!
+//! Nothing here runs in simple mode: behind a transaction pooler a session
+//! `SET` would leak to whichever client gets that server connection next.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::lock::lock;
+use crate::sql::timeout_millis;
+
+/// What every connection of one pool should have set, and since when.
+#[derive(Debug)]
+pub(crate) struct SessionSettings {
+    prepared: AtomicBool,
+    timeout_ms: AtomicU64,
+    /// When `prepared` or `timeout_ms` last changed.
+    changed_at: Mutex<Instant>,
+}
+
+impl SessionSettings {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self {
+            prepared: AtomicBool::new(false),
+            timeout_ms: AtomicU64::new(timeout_millis(timeout)),
+            changed_at: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Records the store's mode and timeout. The values change before the
+    /// stamp, so a connection created after the stamp has read them.
+    pub(crate) fn configure(&self, prepared: bool, timeout: Duration) {
+        self.prepared.store(prepared, Ordering::SeqCst);
+        self.timeout_ms
+            .store(timeout_millis(timeout), Ordering::SeqCst);
+        *lock(&self.changed_at) = Instant::now();
+    }
+
+    /// The statement a new connection runs, if any.
+    pub(crate) fn on_connect_sql(&self) -> Option<String> {
+        self.prepared.load(Ordering::SeqCst).then(|| {
+            format!(
+                "SET statement_timeout = {}",
+                self.timeout_ms.load(Ordering::SeqCst)
+            )
+        })
+    }
+
+    /// Whether a connection of this `age` may be handed out: not if it was
+    /// opened before the last change (it has the old settings).
+    pub(crate) fn is_current(&self, age: Duration) -> bool {
+        let since_change = lock(&self.changed_at).elapsed();
+        age < since_change
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_prepared_mode_sets_the_session_and_a_change_retires_older_connections() {
+        let settings = SessionSettings::new(Duration::from_secs(30));
+        assert_eq!(settings.on_connect_sql(), None);
+        std::thread::sleep(Duration::from_millis(5));
+        let opened_before = Duration::from_secs(1);
+        settings.configure(true, Duration::from_millis(1500));
+        assert_eq!(
+            settings.on_connect_sql().as_deref(),
+            Some("SET statement_timeout = 1500")
+        );
+        assert!(!settings.is_current(opened_before));
+        assert!(settings.is_current(Duration::ZERO));
+    }
+}
