@@ -107,6 +107,11 @@ impl Env {
         store
     }
 
+    /// The plain store in prepared mode (`with_prepared_statements`).
+    async fn prepared(&self, tag: &str) -> PostgresStateStore {
+        self.plain(tag).await.with_prepared_statements(true)
+    }
+
     async fn baseline(&self, ping: bool) -> Subject {
         let plain = self.plain("baseline").await;
         let pool = PgPoolOptions::new()
@@ -136,7 +141,15 @@ impl Env {
     }
 
     async fn cached(&self, durability: Durability, options: CacheOptions) -> Arc<CachedStateStore> {
-        let plain = self.plain("cached").await;
+        self.cached_on(self.plain("cached").await, durability, options)
+    }
+
+    fn cached_on(
+        &self,
+        plain: PostgresStateStore,
+        durability: Durability,
+        options: CacheOptions,
+    ) -> Arc<CachedStateStore> {
         Arc::new(
             plain
                 .cached(options.durability(durability))
@@ -157,12 +170,24 @@ impl Env {
                     None,
                 ),
             ];
-            for (name, durability) in [
-                ("write_through", Durability::WriteThrough),
-                ("group_commit", Durability::GroupCommit),
-                ("write_behind", Durability::WriteBehind),
+            subjects.push((
+                "plain_prepared",
+                Subject::Store(Arc::new(self.prepared("plain_prepared").await)),
+                None,
+            ));
+            for (name, durability, prepared) in [
+                ("write_through", Durability::WriteThrough, false),
+                ("write_through_prepared", Durability::WriteThrough, true),
+                ("group_commit", Durability::GroupCommit, false),
+                ("group_commit_prepared", Durability::GroupCommit, true),
+                ("write_behind", Durability::WriteBehind, false),
             ] {
-                let store = self.cached(durability, CacheOptions::new()).await;
+                let plain = if prepared {
+                    self.prepared(name).await
+                } else {
+                    self.plain(name).await
+                };
+                let store = self.cached_on(plain, durability, CacheOptions::new());
                 subjects.push((name, Subject::Store(store.clone()), Some(store)));
             }
             subjects
@@ -170,25 +195,48 @@ impl Env {
     }
 }
 
-/// Runs `ops` puts spread over `tasks` tasks and returns the time `iters` of
-/// them took (scaled, since `ops` is rounded up to a multiple of `tasks`).
-fn timed_puts(
-    env: &Env,
-    subject: &Subject,
-    iters: u64,
-    tasks: usize,
-    key_of: impl Fn(usize, usize) -> String + Send + Sync + Copy + 'static,
-) -> Duration {
+/// The keys and values of one put scenario, built before any timing so that
+/// only the store's work is measured: task `t`'s `i`-th put writes
+/// `keys[t][i % keys[t].len()]` with `values[i % values.len()]`, a typical
+/// bookmark (a CDC position and a timestamp).
+struct Workload {
+    keys: Vec<Vec<String>>,
+    values: Vec<Value>,
+}
+
+impl Workload {
+    fn new(tasks: usize, keys_per_task: usize, key_of: fn(usize, usize) -> String) -> Arc<Self> {
+        Arc::new(Self {
+            keys: (0..tasks)
+                .map(|t| (0..keys_per_task).map(|i| key_of(t, i)).collect())
+                .collect(),
+            values: (0..4096).map(bookmark).collect(),
+        })
+    }
+}
+
+fn bookmark(i: usize) -> Value {
+    json!({"lsn": format!("0/{:08X}", i * 4096), "ts": 1_764_000_000 + i})
+}
+
+/// Runs about `iters` puts of `workload` spread over its tasks and returns
+/// the time `iters` of them took (scaled, since the count is rounded up to a
+/// multiple of the tasks).
+fn timed_puts(env: &Env, subject: &Subject, iters: u64, workload: &Arc<Workload>) -> Duration {
+    let tasks = workload.keys.len();
     let per_task = (iters as usize).div_ceil(tasks).max(1);
     let elapsed = env.rt.block_on(async {
         let start = Instant::now();
         let handles: Vec<_> = (0..tasks)
             .map(|task| {
                 let subject = subject.clone();
+                let workload = workload.clone();
                 tokio::spawn(async move {
+                    let keys = &workload.keys[task];
+                    let values = &workload.values;
                     for i in 0..per_task {
                         subject
-                            .put(&key_of(task, i), &json!({"task": task, "i": i}))
+                            .put(&keys[i % keys.len()], &values[i % values.len()])
                             .await;
                     }
                 })
@@ -206,24 +254,23 @@ fn puts(c: &mut Criterion) {
     let env = Env::new();
     let writers = env.writers();
     type KeyOf = fn(usize, usize) -> String;
-    let scenarios: [(&str, usize, KeyOf); 4] = [
-        ("1_task_hot_key", 1, |_, _| "hot".to_owned()),
-        ("1_task_10k_keys", 1, |_, i| {
-            format!("k{}", i % DISTINCT_KEYS)
+    let scenarios: [(&str, usize, usize, KeyOf); 4] = [
+        ("1_task_hot_key", 1, 1, |_, _| "hot".to_owned()),
+        ("1_task_10k_keys", 1, DISTINCT_KEYS, |_, i| format!("k{i}")),
+        ("16_tasks_distinct_keys", 16, DISTINCT_KEYS / 16, |t, i| {
+            format!("t{t}-{i}")
         }),
-        ("16_tasks_distinct_keys", 16, |t, i| {
-            format!("t{t}-{}", i % (DISTINCT_KEYS / 16))
-        }),
-        ("64_tasks_distinct_keys", 64, |t, i| {
-            format!("t{t}-{}", i % (DISTINCT_KEYS / 64))
+        ("64_tasks_distinct_keys", 64, DISTINCT_KEYS / 64, |t, i| {
+            format!("t{t}-{i}")
         }),
     ];
-    for (scenario, tasks, key_of) in scenarios {
+    for (scenario, tasks, keys_per_task, key_of) in scenarios {
+        let workload = Workload::new(tasks, keys_per_task, key_of);
         let mut group = c.benchmark_group(format!("put/{scenario}"));
         group.throughput(Throughput::Elements(1));
         for (name, subject, _) in &writers {
             group.bench_function(*name, |b| {
-                b.iter_custom(|iters| timed_puts(&env, subject, iters, tasks, key_of))
+                b.iter_custom(|iters| timed_puts(&env, subject, iters, &workload))
             });
         }
         group.finish();
@@ -300,6 +347,10 @@ fn gets(c: &mut Criterion) {
             (
                 "plain",
                 Subject::Store(Arc::new(env.plain("plain_get").await)),
+            ),
+            (
+                "plain_prepared",
+                Subject::Store(Arc::new(env.prepared("prepared_get").await)),
             ),
             ("cached_hit", Subject::Store(hit)),
             ("cached_miss", Subject::Store(miss)),

@@ -27,6 +27,7 @@ use sqlx::postgres::{PgConnection, PgRow, Postgres};
 use sqlx::{Execute, PgPool};
 
 use crate::error::is_connection_lost;
+use crate::reserve::Reserve;
 
 /// How much longer than `statement_timeout` the client waits for an answer
 /// before it gives the connection up: the server's own timeout normally
@@ -41,11 +42,13 @@ pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct Executor {
     pool: PgPool,
     statement_timeout: Duration,
+    reserve: Reserve,
 }
 
 impl Executor {
     pub(crate) fn new(pool: PgPool, statement_timeout: Duration) -> Self {
         Self {
+            reserve: Reserve::new(pool.options().get_max_connections()),
             pool,
             statement_timeout,
         }
@@ -94,14 +97,17 @@ impl Executor {
         E: Execute<'q, Postgres> + Send + 'q,
     {
         let deadline = tokio::time::Instant::now() + self.client_deadline();
-        let conn = tokio::time::timeout_at(deadline, self.pool.acquire())
-            .await
-            .map_err(|_| self.deadline_error("no pooled connection came free"))??;
+        let conn = match self.reserve.take() {
+            Some(conn) => conn,
+            None => tokio::time::timeout_at(deadline, self.pool.acquire())
+                .await
+                .map_err(|_| self.deadline_error("no pooled connection came free"))??,
+        };
         let mut conn = CloseUnlessAnswered {
-            conn,
+            conn: Some(conn),
             answered: false,
         };
-        let answer = tokio::time::timeout_at(deadline, fetch_on(&mut conn.conn, query))
+        let answer = tokio::time::timeout_at(deadline, fetch_on(conn.get(), query))
             .await
             .map_err(|_| {
                 self.deadline_error(
@@ -110,8 +116,14 @@ impl Executor {
                 )
             })?;
         // An error is an answer too: the connection is in a known state (a
-        // broken one fails sqlx's ping on release and is dropped).
+        // broken one fails sqlx's ping on release and is dropped). Only one
+        // that answered without error is kept for the next operation.
         conn.answered = true;
+        if answer.is_ok()
+            && let Some(conn) = conn.conn.take()
+        {
+            self.reserve.keep(conn);
+        }
         answer
     }
 
@@ -152,14 +164,25 @@ fn is_deadline(err: &sqlx::Error) -> bool {
 /// A pooled connection that is closed instead of returned to the pool when
 /// dropped before its answer arrived.
 struct CloseUnlessAnswered {
-    conn: PoolConnection<Postgres>,
+    /// `None` once handed to the reserve.
+    conn: Option<PoolConnection<Postgres>>,
     answered: bool,
+}
+
+impl CloseUnlessAnswered {
+    fn get(&mut self) -> &mut PgConnection {
+        self.conn
+            .as_mut()
+            .expect("the connection is only taken after its answer")
+    }
 }
 
 impl Drop for CloseUnlessAnswered {
     fn drop(&mut self) {
-        if !self.answered {
-            self.conn.close_on_drop();
+        if !self.answered
+            && let Some(conn) = self.conn.as_mut()
+        {
+            conn.close_on_drop();
         }
     }
 }

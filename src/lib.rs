@@ -251,6 +251,7 @@ mod memory;
 mod pg;
 mod probe;
 mod report;
+mod reserve;
 mod schema;
 mod session;
 mod settings;

@@ -329,3 +329,57 @@ async fn connections_the_store_opens_have_tcp_keepalive() {
         assert_eq!(value, expected, "{setting}");
     }
 }
+
+/// The store keeps connections that answered for its next operations (so
+/// that each does not pay sqlx's release ping), but never all of the pool,
+/// and none once it is idle: another user of the pool always gets one, and
+/// an idle store gives every connection back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_connections_leave_one_for_others_and_go_back_when_idle() {
+    const POOL: u32 = 3;
+    let table = support::unique_table("reserve");
+    let store = std::sync::Arc::new(
+        PostgresStateStore::connect_with(&support::database_url(), POOL, &table)
+            .await
+            .unwrap(),
+    );
+    store.ensure_table().await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    store.put(&format!("k{t}"), &json!(i)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let pool = store.pool();
+    let checked_out = pool.size() - pool.num_idle() as u32;
+    assert!(
+        checked_out < POOL,
+        "{checked_out} of {POOL} connections still checked out after the writes"
+    );
+    // Another user of the pool gets a connection while the store keeps some.
+    let other: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(other, 1);
+    // Idle, the store gives them all back (the deadline only catches a hang).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pool.num_idle() as u32 != pool.size() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an idle store still holds {} connections",
+            pool.size() - pool.num_idle() as u32
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for t in 0..8 {
+        assert_eq!(store.get(&format!("k{t}")).await.unwrap(), Some(json!(19)));
+    }
+}
