@@ -373,6 +373,12 @@ impl Drop for PgServer {
     }
 }
 
+/// `pgbench` of the PostgreSQL installation the tests use, if installed.
+pub fn pgbench() -> Option<PathBuf> {
+    let path = find_bin_dir()?.join("pgbench");
+    path.is_file().then_some(path)
+}
+
 fn find_bin_dir() -> Option<PathBuf> {
     let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
     if let Some(path) = std::env::var_os("PATH") {
