@@ -379,11 +379,58 @@ fn gets(c: &mut Criterion) {
     group.finish();
 }
 
+/// Where a group-commit round's time goes, 64 tasks on their own keys:
+/// keys per round, the backend's share (time inside `write_batch`, from
+/// `CacheStats::batch_write_time`) and the rest (waking writers, staging,
+/// building the batch). Printed, not a criterion measurement.
+fn group_commit_rounds(_: &mut Criterion) {
+    let env = Env::new();
+    let full = std::env::args().any(|a| a == "--bench");
+    let run_for = Duration::from_millis(if full { 5_000 } else { 200 });
+    for (name, prepared) in [("group_commit", false), ("group_commit_prepared", true)] {
+        let store = env.rt.block_on(async {
+            let plain = if prepared {
+                env.prepared("rounds").await
+            } else {
+                env.plain("rounds").await
+            };
+            env.cached_on(plain, Durability::GroupCommit, CacheOptions::new())
+        });
+        let workload = Workload::new(64, DISTINCT_KEYS / 64, |t, i| format!("t{t}-{i}"));
+        let subject = Subject::Store(store.clone());
+        // Warm up, then measure a fixed wall time.
+        timed_puts(&env, &subject, 6_400, &workload);
+        let before = store.stats();
+        let started = Instant::now();
+        let mut puts = 0u64;
+        while started.elapsed() < run_for {
+            timed_puts(&env, &subject, 6_400, &workload);
+            puts += 6_400;
+        }
+        let wall = started.elapsed();
+        let after = store.stats();
+        let rounds = (after.batches_written - before.batches_written).max(1);
+        let in_backend = after.batch_write_time - before.batch_write_time;
+        let per_round = wall / rounds as u32;
+        println!(
+            "rounds/{name}: {:.0} puts/s, {rounds} rounds, {:.1} keys per round, \
+             {:?} per round: {:?} in write_batch ({:.0}%), {:?} elsewhere",
+            puts as f64 / wall.as_secs_f64(),
+            (after.rows_written - before.rows_written) as f64 / rounds as f64,
+            per_round,
+            in_backend / rounds as u32,
+            100.0 * in_backend.as_secs_f64() / wall.as_secs_f64(),
+            per_round.saturating_sub(in_backend / rounds as u32),
+        );
+        env.rt.block_on(store.shutdown()).expect("shutdown");
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = puts, flushes, gets
+    targets = puts, flushes, gets, group_commit_rounds
 }
 criterion_main!(benches);

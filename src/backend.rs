@@ -18,8 +18,9 @@ use crate::codec;
 
 /// Storage under a [`CachedStateStore`](crate::CachedStateStore).
 ///
-/// Implementations must be safe to call from several tasks at once; the
-/// engine never runs two `write_batch` calls at the same time.
+/// Implementations must be safe to call from several tasks at once. The
+/// engine runs up to [`concurrent_batches`](crate::CacheOptions::concurrent_batches)
+/// `write_batch` calls at the same time, always with distinct keys.
 #[async_trait]
 pub trait StateBackend: Send + Sync + 'static {
     /// Encodes `value` for storage under `key`, checking without I/O

@@ -153,6 +153,7 @@ pub struct CacheOptions {
     flush_interval: Duration,
     max_batch: usize,
     max_batch_bytes: usize,
+    concurrent_batches: usize,
     max_pending: usize,
     put_timeout: Duration,
     write_timeout: Duration,
@@ -169,6 +170,7 @@ impl Default for CacheOptions {
             flush_interval: Duration::from_secs(1),
             max_batch: 1_000,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            concurrent_batches: 2,
             max_pending: 100_000,
             put_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(30),
@@ -221,6 +223,14 @@ option_accessors! {
     /// memory longer, so batches are cut by size as well as by keys; a single
     /// write larger than this goes alone. Must be at least 1.
     max_batch_bytes / get_max_batch_bytes: usize;
+    /// Most batches of one flush round written at the same time, each in its
+    /// own transaction on its own connection (default 2): while the server
+    /// commits one, the next is already on its way, which keeps the server
+    /// busy when many keys are dirty. A round still ends only when all its
+    /// batches have, and the batches of a round hold distinct keys in key
+    /// order, so they cannot deadlock each other. Must be at least 1; 1
+    /// writes one batch after another.
+    concurrent_batches / get_concurrent_batches: usize;
     /// Most dirty (not yet persisted) keys held in memory. A write that would
     /// exceed it waits up to `put_timeout` for the flusher, then fails; it is
     /// never dropped silently. Must be at least 1.
@@ -275,6 +285,8 @@ impl CacheOptions {
             Some("max_batch must be at least 1")
         } else if self.max_batch_bytes == 0 {
             Some("max_batch_bytes must be at least 1")
+        } else if self.concurrent_batches == 0 {
+            Some("concurrent_batches must be at least 1")
         } else if self.max_pending == 0 {
             Some("max_pending must be at least 1")
         } else if self.retry_backoff_max.is_zero() {
@@ -329,6 +341,10 @@ mod tests {
             (CacheOptions::new().max_batch(0), "max_batch"),
             (CacheOptions::new().max_batch_bytes(0), "max_batch_bytes"),
             (CacheOptions::new().max_pending(0), "max_pending"),
+            (
+                CacheOptions::new().concurrent_batches(0),
+                "concurrent_batches",
+            ),
             (
                 CacheOptions::new().retry_backoff_max(zero),
                 "retry_backoff_max",

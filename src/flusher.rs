@@ -2,8 +2,9 @@
 //!
 //! The flusher works in *rounds*. A round takes every queued dirty key,
 //! writes them in batches of at most `max_batch` keys and `max_batch_bytes`
-//! bytes (one atomic `write_batch` each), and then publishes that it ended,
-//! and whether every batch committed. A batch the server refuses because of
+//! bytes (one atomic `write_batch` each, up to `concurrent_batches` of them
+//! at the same time), and then publishes that it ended, and whether every
+//! batch committed. A batch the server refuses because of
 //! a row it holds is split until that row stands alone; the row's key is
 //! parked (see `cache.rs`) and the rest commits in the same round. Rounds never overlap, so per key the values written only
 //! ever move forward.
@@ -15,8 +16,11 @@
 //! for round `r + 1` and waits until it ends; if it succeeded, the write is
 //! committed.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use faucet_core::FaucetError;
@@ -246,8 +250,23 @@ async fn run_round<B: StateBackend>(engine: &Engine<B>) -> Result<(), ()> {
     // A stack: the next batch to write is on top.
     pending.reverse();
     let mut outcome: Result<(), Arc<str>> = Ok(());
-    while let Some(batch) = pending.pop() {
-        match write_batch(engine, &batch).await {
+    let mut in_flight: Vec<InFlight<'_>> = Vec::new();
+    let concurrent = engine.options.get_concurrent_batches();
+    loop {
+        // After a transient failure no batch is started; those in flight
+        // finish, and what they commit stays committed.
+        while outcome.is_ok() && in_flight.len() < concurrent {
+            let Some(batch) = pending.pop() else { break };
+            in_flight.push(Box::pin(async move {
+                let result = write_batch(engine, &batch).await;
+                (batch, result)
+            }));
+        }
+        if in_flight.is_empty() {
+            break;
+        }
+        let (batch, result) = next_done(&mut in_flight).await;
+        match result {
             Ok(()) => {}
             Err(BatchError::Refused(error)) if batch.len() > 1 => {
                 tracing::debug!(%error, keys = batch.len(), "faucet-state-postgres: a batch was refused; splitting it");
@@ -266,8 +285,9 @@ async fn run_round<B: StateBackend>(engine: &Engine<B>) -> Result<(), ()> {
                 );
                 let requeued = std::iter::once(batch).chain(pending.drain(..));
                 engine.cache.requeue(requeued.flatten().map(|(key, _)| key));
-                outcome = Err(Arc::from(error.to_string()));
-                break;
+                if outcome.is_ok() {
+                    outcome = Err(Arc::from(error.to_string()));
+                }
             }
         }
     }
@@ -282,6 +302,31 @@ async fn run_round<B: StateBackend>(engine: &Engine<B>) -> Result<(), ()> {
         }
     });
     if ok { Ok(()) } else { Err(()) }
+}
+
+/// A batch being written, and what became of it.
+type InFlight<'a> = Pin<Box<dyn Future<Output = (Batch, Result<(), BatchError>)> + Send + 'a>>;
+
+/// Waits for the first of `in_flight` to finish and removes it.
+async fn next_done(in_flight: &mut Vec<InFlight<'_>>) -> (Batch, Result<(), BatchError>) {
+    std::future::poll_fn(|cx| {
+        let done =
+            in_flight
+                .iter_mut()
+                .enumerate()
+                .find_map(|(i, batch)| match batch.as_mut().poll(cx) {
+                    Poll::Ready(output) => Some((i, output)),
+                    Poll::Pending => None,
+                });
+        match done {
+            Some((i, output)) => {
+                drop(in_flight.swap_remove(i));
+                Poll::Ready(output)
+            }
+            None => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Cuts the dirty writes of `keys` (sorted) into batches of at most

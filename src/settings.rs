@@ -58,6 +58,8 @@ pub struct PostgresStateConfig {
     pub max_batch: usize,
     /// Most encoded bytes (values and keys) per batch. Default 33554432 (32 MiB).
     pub max_batch_bytes: usize,
+    /// Batches of one flush round written at the same time. Default 2.
+    pub concurrent_batches: usize,
     /// Most dirty keys held in memory. Default 100000.
     pub max_pending: usize,
     /// How long a write waits for room when `max_pending` keys are dirty.
@@ -102,6 +104,7 @@ impl Default for PostgresStateConfig {
             flush_interval: cache.get_flush_interval(),
             max_batch: cache.get_max_batch(),
             max_batch_bytes: cache.get_max_batch_bytes(),
+            concurrent_batches: cache.get_concurrent_batches(),
             max_pending: cache.get_max_pending(),
             put_timeout: cache.get_put_timeout(),
             write_timeout: cache.get_write_timeout(),
@@ -148,6 +151,7 @@ impl PostgresStateConfig {
             .flush_interval(self.flush_interval)
             .max_batch(self.max_batch)
             .max_batch_bytes(self.max_batch_bytes)
+            .concurrent_batches(self.concurrent_batches)
             .max_pending(self.max_pending)
             .put_timeout(self.put_timeout)
             .write_timeout(self.write_timeout)
@@ -187,6 +191,7 @@ impl fmt::Debug for PostgresStateConfig {
             .field("flush_interval", &self.flush_interval)
             .field("max_batch", &self.max_batch)
             .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("concurrent_batches", &self.concurrent_batches)
             .field("max_pending", &self.max_pending)
             .field("put_timeout", &self.put_timeout)
             .field("write_timeout", &self.write_timeout)

@@ -29,6 +29,10 @@ pub struct CacheStats {
     pub batches_written: u64,
     /// Rows upserted or deleted by committed batches.
     pub rows_written: u64,
+    /// Time spent in the backend writing batches, committed or failed,
+    /// summed. Against the wall time and `batches_written` it shows how much
+    /// of a flush round is the database's and how much the client's.
+    pub batch_write_time: Duration,
     /// Batches that failed and were retried.
     pub flush_errors: u64,
     /// The error of the most recent failed batch, if any batch failed.
@@ -99,6 +103,7 @@ pub(crate) struct Counters {
     deletes: AtomicU64,
     coalesced: AtomicU64,
     batches: AtomicU64,
+    write_nanos: AtomicU64,
     rows: AtomicU64,
     flush_errors: AtomicU64,
     hits: AtomicU64,
@@ -141,6 +146,7 @@ impl Counters {
             deletes: AtomicU64::default(),
             coalesced: AtomicU64::default(),
             batches: AtomicU64::default(),
+            write_nanos: AtomicU64::default(),
             rows: AtomicU64::default(),
             flush_errors: AtomicU64::default(),
             hits: AtomicU64::default(),
@@ -205,6 +211,7 @@ impl Counters {
     pub(crate) fn record_batch(&self, rows: usize, elapsed: Duration) {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        self.add_write_time(elapsed);
         self.instruments.batches.increment(1);
         self.instruments.rows.increment(rows as u64);
         self.instruments.flush_seconds.record(elapsed.as_secs_f64());
@@ -212,9 +219,15 @@ impl Counters {
 
     pub(crate) fn record_failure(&self, error: String, elapsed: Duration) {
         self.flush_errors.fetch_add(1, Ordering::Relaxed);
+        self.add_write_time(elapsed);
         self.instruments.flush_errors.increment(1);
         self.instruments.flush_seconds.record(elapsed.as_secs_f64());
         *lock(&self.last_error) = Some(error);
+    }
+
+    fn add_write_time(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.write_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
     pub(crate) fn last_error(&self) -> Option<String> {
@@ -236,6 +249,7 @@ impl Counters {
             coalesced_puts: read(&self.coalesced),
             batches_written: read(&self.batches),
             rows_written: read(&self.rows),
+            batch_write_time: Duration::from_nanos(read(&self.write_nanos)),
             flush_errors: read(&self.flush_errors),
             last_error: self.last_error(),
             cache_hits: read(&self.hits),

@@ -661,3 +661,37 @@ async fn many_tasks_on_few_keys_end_with_the_last_writes() {
         }
     }
 }
+
+/// A round writes up to `concurrent_batches` batches at the same time, never
+/// more, and the round ends only when every one of them has committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_writes_at_most_concurrent_batches_at_once() {
+    for concurrent in [1usize, 2] {
+        let (backend, store) =
+            store_with(write_behind().max_batch(1).concurrent_batches(concurrent));
+        let store = Arc::new(store);
+        for key in ["a", "b", "c"] {
+            store.put(key, &json!(key)).await.unwrap();
+        }
+        let paused = backend.pause_writes().await;
+        let flush = tokio::spawn({
+            let store = store.clone();
+            async move { store.flush().await }
+        });
+        backend.wait_for_write_attempts(concurrent as u64).await;
+        // The batches in flight are held; nothing else can start.
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(backend.write_attempts(), concurrent as u64);
+        assert!(
+            !flush.is_finished(),
+            "flush returned before its round ended"
+        );
+        drop(paused);
+        flush.await.unwrap().unwrap();
+        assert_eq!(backend.committed_batches(), [1, 1, 1]);
+        assert_eq!(backend.rows().len(), 3);
+        store.shutdown().await.unwrap();
+    }
+}
