@@ -335,15 +335,12 @@ fn main() {
             );
         }
 
-        for (prepared, fillfactor) in [
-            (false, None),
-            (true, None),
-            (true, Some(90)),
-            (true, Some(80)),
-        ] {
-            let ff = fillfactor.map_or(String::new(), |f| format!(", ff {f}"));
+        for (prepared, fillfactor) in [(false, 100), (true, 100), (true, 80)] {
+            let ff = format!(", fillfactor {fillfactor}");
             let mode = format!("{}{ff}", if prepared { "prepared" } else { "default" });
-            let plain = bench.plain("sustained_wb", prepared, fillfactor).await;
+            let plain = bench
+                .plain("sustained_wb", prepared, Some(fillfactor))
+                .await;
             let (insert, table) = bench.write_behind(plain, 0).await;
             report(
                 &format!("write_behind ({mode}), insert pass"),

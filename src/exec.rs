@@ -99,9 +99,12 @@ impl Executor {
         let deadline = tokio::time::Instant::now() + self.client_deadline();
         let conn = match self.reserve.take() {
             Some(conn) => conn,
-            None => tokio::time::timeout_at(deadline, self.pool.acquire())
-                .await
-                .map_err(|_| self.deadline_error("no pooled connection came free"))??,
+            None => match self.reserve.wait_for_pool() {
+                (_, Some(conn)) => conn,
+                (_waiting, None) => tokio::time::timeout_at(deadline, self.pool.acquire())
+                    .await
+                    .map_err(|_| self.deadline_error("no pooled connection came free"))??,
+            },
         };
         let mut conn = CloseUnlessAnswered {
             conn: Some(conn),

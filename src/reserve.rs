@@ -16,11 +16,16 @@
 //!    the same pool (`pool()`, a second store on it) can always get one.
 //! 3. A kept connection unused for [`HOLD`] goes back to the pool: a store
 //!    that is idle holds none.
+//! 4. No operation of the store waits for the pool while a connection is
+//!    kept: when one is waiting, a connection that answers goes back to the
+//!    pool (to that waiter) instead. Otherwise operations that found the
+//!    reserve empty would queue on the pool while others cycled through the
+//!    reserve, and could wait up to the acquire timeout.
 //!
 //! A kept connection that died meanwhile (a server restart) fails its next
 //! statement as a lost connection, which the executor retries on another.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -42,6 +47,8 @@ pub(crate) struct Reserve {
 struct Inner {
     /// Most recently used last.
     kept: Mutex<Vec<Kept>>,
+    /// Operations of this store waiting for the pool (invariant 4).
+    waiting: AtomicUsize,
     capacity: usize,
     sweeping: AtomicBool,
 }
@@ -58,6 +65,7 @@ impl Reserve {
         Self {
             inner: Arc::new(Inner {
                 kept: Mutex::default(),
+                waiting: AtomicUsize::new(0),
                 capacity: (max_connections as usize).saturating_sub(1),
                 sweeping: AtomicBool::new(false),
             }),
@@ -69,6 +77,17 @@ impl Reserve {
         lock(&self.inner.kept).pop().map(|kept| kept.conn)
     }
 
+    /// Registers an operation about to wait for the pool, then takes a
+    /// connection kept meanwhile, if any. From here until the guard drops,
+    /// answered connections go back to the pool (invariant 4). The count
+    /// moves before the reserve is looked at, and `keep` reads it under the
+    /// reserve's lock, so a connection is never kept unseen by a waiter.
+    pub(crate) fn wait_for_pool(&self) -> (WaitingGuard<'_>, Option<PoolConnection<Postgres>>) {
+        self.inner.waiting.fetch_add(1, Ordering::SeqCst);
+        let guard = WaitingGuard(&self.inner.waiting);
+        (guard, self.take())
+    }
+
     /// Keeps a connection that answered in full (invariant 1), or returns it
     /// to the pool when the reserve is full.
     pub(crate) fn keep(&self, conn: PoolConnection<Postgres>) {
@@ -77,7 +96,7 @@ impl Reserve {
         }
         let overflow = {
             let mut kept = lock(&self.inner.kept);
-            if kept.len() < self.inner.capacity {
+            if kept.len() < self.inner.capacity && self.inner.waiting.load(Ordering::SeqCst) == 0 {
                 kept.push(Kept {
                     conn,
                     since: Instant::now(),
@@ -117,6 +136,15 @@ impl Reserve {
                 drop(stale);
             }
         });
+    }
+}
+
+/// Counts an operation waiting for the pool while it lives.
+pub(crate) struct WaitingGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

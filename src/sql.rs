@@ -290,6 +290,14 @@ impl Prepared {
     }
 }
 
+/// The table's `fillfactor`: each page keeps a fifth free, so that an
+/// update of a bookmark can put the new row version on the same page (a HOT
+/// update: no new index entry, less WAL, less bloat). Measured with
+/// `cargo bench --bench sustained` (1,000,000 keys, an insert pass then an
+/// update pass): 25% of updates HOT at 80 against 1% at the default 100,
+/// the update pass about 13% faster, the heap 9% larger.
+pub(crate) const FILLFACTOR: u32 = 80;
+
 /// `CREATE TABLE` for the state-store layout; also quoted in error hints for
 /// operators who must create the table out of band.
 pub(crate) fn create_table_sql(table: &TableName) -> String {
@@ -297,7 +305,8 @@ pub(crate) fn create_table_sql(table: &TableName) -> String {
         "CREATE TABLE IF NOT EXISTS {} (\
          key TEXT PRIMARY KEY, \
          value JSONB NOT NULL, \
-         updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW())",
+         updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW()) \
+         WITH (fillfactor = {FILLFACTOR})",
         table.quoted()
     )
 }

