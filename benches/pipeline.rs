@@ -10,6 +10,7 @@
 //! the difference between the lines is the state store's. Under
 //! `cargo test --benches` it runs 200 pages, as a smoke test.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -119,29 +120,18 @@ async fn plain(url: &str, tag: &str, prepared: bool) -> PostgresStateStore {
 }
 
 fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    let pages: u64 = if full { 10_000 } else { 200 };
+    let pages: u64 = if common::full_run() { 10_000 } else { 200 };
     let url = support::database_url();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async {
         println!(
             "pipeline: {pages} pages of {RECORDS_PER_PAGE} records, a bookmark put after each"
         );
-        let upstream = {
-            let store = upstream::PostgresStateStore::connect_with(
-                &url,
-                5,
-                &support::unique_table("pipeline_upstream"),
-            )
-            .await
-            .expect("connect upstream");
-            store.ensure_table().await.expect("upstream table");
-            run(pages, Arc::new(store)).await
-        };
+        let upstream = run(
+            pages,
+            Arc::new(common::upstream_store(&url, "pipeline_upstream").await),
+        )
+        .await;
         let line = |name: &str, elapsed: Duration| {
             println!(
                 "pipeline: {name:<32} {elapsed:>10.2?}  ({:.1}x faster than 1.0.1)",

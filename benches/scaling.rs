@@ -12,6 +12,7 @@
 //! `cargo test --benches` it runs briefly and draws into the temp dir, so
 //! the committed chart only ever comes from a full run.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -180,14 +181,10 @@ fn format_rate(rate: f64) -> String {
 }
 
 fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
+    let full = common::full_run();
     let run_for = Duration::from_millis(if full { 4_000 } else { 100 });
     let url = support::database_url();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     let series = rt.block_on(async {
         let mut series: Vec<(&str, &str, Vec<f64>)> = Vec::new();
         let subjects: [(&str, &str); 4] = [
@@ -200,17 +197,7 @@ fn main() {
             let mut rates = Vec::new();
             for writers in WRITERS {
                 let store: Arc<dyn StateStore> = match name {
-                    "1.0.1" => {
-                        let store = upstream::PostgresStateStore::connect_with(
-                            &url,
-                            5,
-                            &support::unique_table("scaling_upstream"),
-                        )
-                        .await
-                        .expect("connect upstream");
-                        store.ensure_table().await.expect("table");
-                        Arc::new(store)
-                    }
+                    "1.0.1" => Arc::new(common::upstream_store(&url, "scaling_upstream").await),
                     "write-through" => Arc::new(
                         plain(&url, false)
                             .await

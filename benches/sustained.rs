@@ -31,6 +31,7 @@
 //! heap size (`pg_stat_user_tables`, `pg_table_size`), at the default
 //! fillfactor and at the one `ensure_table` uses.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -154,14 +155,7 @@ impl Bench {
 
     async fn upstream(&self) -> Pass {
         let keys = UPSTREAM_KEYS.min(self.keys);
-        let store = upstream::PostgresStateStore::connect_with(
-            &self.url,
-            5,
-            &support::unique_table("sustained_upstream"),
-        )
-        .await
-        .expect("connect upstream");
-        store.ensure_table().await.expect("upstream table");
+        let store = common::upstream_store(&self.url, "sustained_upstream").await;
         let started = Instant::now();
         for i in 0..keys {
             store
@@ -284,16 +278,11 @@ fn report(name: &str, pass: &Pass, upstream: f64, limit: Option<f64>) {
 }
 
 fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
     let bench = Bench {
         url: support::database_url(),
-        keys: if full { 1_000_000 } else { 20_000 },
+        keys: if common::full_run() { 1_000_000 } else { 20_000 },
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async {
         println!(
             "sustained: {} distinct keys, {BATCH}-row batches, insert pass then update pass",

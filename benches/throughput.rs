@@ -13,6 +13,7 @@
 //! with that ping turned off, to show how much of the gap the ping alone
 //! explains.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -32,14 +33,6 @@ use tokio::runtime::Runtime;
 
 const POOL_SIZE: u32 = 5;
 const DISTINCT_KEYS: usize = 10_000;
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 /// One way of writing and reading bookmarks.
 #[derive(Clone)]
@@ -93,7 +86,7 @@ struct Env {
 impl Env {
     fn new() -> Self {
         Self {
-            rt: runtime(),
+            rt: common::runtime(),
             url: support::database_url(),
         }
     }
@@ -129,15 +122,7 @@ impl Env {
     /// The published crate this one is measured against, with its own
     /// defaults (a pool of 5 that pings on every acquire).
     async fn upstream(&self, tag: &str) -> Subject {
-        let store = upstream::PostgresStateStore::connect_with(
-            &self.url,
-            POOL_SIZE,
-            &support::unique_table(tag),
-        )
-        .await
-        .expect("connect upstream");
-        store.ensure_table().await.expect("upstream table");
-        Subject::Store(Arc::new(store))
+        Subject::Store(Arc::new(common::upstream_store(&self.url, tag).await))
     }
 
     async fn cached(&self, durability: Durability, options: CacheOptions) -> Arc<CachedStateStore> {
@@ -385,7 +370,7 @@ fn gets(c: &mut Criterion) {
 /// building the batch). Printed, not a criterion measurement.
 fn group_commit_rounds(_: &mut Criterion) {
     let env = Env::new();
-    let full = std::env::args().any(|a| a == "--bench");
+    let full = common::full_run();
     let run_for = Duration::from_millis(if full { 5_000 } else { 200 });
     for (name, prepared) in [("group_commit", false), ("group_commit_prepared", true)] {
         let store = env.rt.block_on(async {

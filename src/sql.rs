@@ -292,10 +292,11 @@ impl Prepared {
 
 /// The table's `fillfactor`: each page keeps a fifth free, so that an
 /// update of a bookmark can put the new row version on the same page (a HOT
-/// update: no new index entry, less WAL, less bloat). Measured with
+/// update: no new index entry to write now and vacuum later). Measured with
 /// `cargo bench --bench sustained` (1,000,000 keys, an insert pass then an
 /// update pass): 25% of updates HOT at 80 against 1% at the default 100,
-/// the update pass about 13% faster, the heap 9% larger.
+/// for a heap 9% larger; the update pass was as fast within noise (+13% in
+/// one run, -2% in the next).
 pub(crate) const FILLFACTOR: u32 = 80;
 
 /// `CREATE TABLE` for the state-store layout; also quoted in error hints for
