@@ -280,7 +280,11 @@ fn report(name: &str, pass: &Pass, upstream: f64, limit: Option<f64>) {
 fn main() {
     let bench = Bench {
         url: support::database_url(),
-        keys: if common::full_run() { 1_000_000 } else { 20_000 },
+        keys: if common::full_run() {
+            1_000_000
+        } else {
+            20_000
+        },
     };
     let rt = common::runtime();
     rt.block_on(async {

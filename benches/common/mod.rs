@@ -24,9 +24,10 @@ pub fn runtime() -> Runtime {
 /// The published faucet-state-postgres 1.0.1 with its defaults (a pool of 5
 /// that pings on every acquire), on a table of its own.
 pub async fn upstream_store(url: &str, tag: &str) -> upstream::PostgresStateStore {
-    let store = upstream::PostgresStateStore::connect_with(url, 5, &crate::support::unique_table(tag))
-        .await
-        .expect("connect upstream 1.0.1");
+    let store =
+        upstream::PostgresStateStore::connect_with(url, 5, &crate::support::unique_table(tag))
+            .await
+            .expect("connect upstream 1.0.1");
     store.ensure_table().await.expect("upstream table");
     store
 }
