@@ -57,9 +57,11 @@ struct Discard;
 
 #[async_trait]
 impl StateBackend for Discard {
-    fn encode(&self, key: &str, value: &Value) -> Result<String, FaucetError> {
+    fn encode(&self, key: &str, value: &Value) -> Result<Arc<str>, FaucetError> {
         validate_state_key(key)?;
-        serde_json::to_string(value).map_err(|e| FaucetError::State(e.to_string()))
+        serde_json::to_string(value)
+            .map(Arc::from)
+            .map_err(|e| FaucetError::State(e.to_string()))
     }
 
     fn decode(&self, _key: &str, stored: &str) -> Result<Value, FaucetError> {

@@ -7,6 +7,8 @@
 //! injectable failures and delays, so the engine's concurrency and fault
 //! handling can be tested quickly and deterministically.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use faucet_core::FaucetError;
 use faucet_core::check::{CheckContext, CheckReport};
@@ -27,10 +29,10 @@ pub trait StateBackend: Send + Sync + 'static {
     /// everything that can be checked: the key rules and any size or shape
     /// limits. The cache calls this once, in `put`, so that a value the
     /// backend can never store is refused at once rather than failing the
-    /// flusher on every retry; it then holds the text, measures batches by
-    /// its length (see [`max_batch_bytes`](crate::CacheOptions::max_batch_bytes))
+    /// flusher on every retry; it then holds the returned text as is (shared,
+    /// not copied), measures batches by its length (see [`max_batch_bytes`](crate::CacheOptions::max_batch_bytes))
     /// and hands it to [`write_batch`](Self::write_batch) as is.
-    fn encode(&self, key: &str, value: &Value) -> Result<String, FaucetError>;
+    fn encode(&self, key: &str, value: &Value) -> Result<Arc<str>, FaucetError>;
 
     /// Turns text made by [`encode`](Self::encode) or returned by
     /// [`load`](Self::load) back into the value. The cache calls it on every
@@ -110,9 +112,9 @@ impl std::error::Error for BatchError {}
 /// a multi-row upsert and a batched delete together (see `sql.rs`).
 #[async_trait]
 impl StateBackend for PostgresStateStore {
-    fn encode(&self, key: &str, value: &Value) -> Result<String, FaucetError> {
+    fn encode(&self, key: &str, value: &Value) -> Result<Arc<str>, FaucetError> {
         validate_state_key(key)?;
-        Ok(codec::encode(key, value, self.max_value_bytes())?)
+        Ok(codec::encode_shared(key, value, self.max_value_bytes())?)
     }
 
     fn decode(&self, key: &str, stored: &str) -> Result<Value, FaucetError> {

@@ -280,7 +280,7 @@ impl<B: StateBackend> CachedStateStore<B> {
         // Encoded once, here: the cache holds the text, batches are measured
         // by it and the flusher sends it as is.
         let stored: Option<Stored> = match value {
-            Some(value) => Some(Stored::from(self.engine.backend.encode(key, value)?)),
+            Some(value) => Some(self.engine.backend.encode(key, value)?),
             None => {
                 validate_state_key(key)?;
                 None

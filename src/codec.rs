@@ -18,6 +18,9 @@
 //! `$faucet_state_encoded`, holding a string. Because encoding wraps every
 //! object with that member (a superset), the mapping is one-to-one.
 
+use std::cell::RefCell;
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use crate::error::StoreError;
@@ -40,6 +43,45 @@ pub const MAX_DEPTH: usize = 127;
 pub(crate) fn encode(key: &str, value: &Value, max_bytes: usize) -> Result<String, StoreError> {
     let shape = checked_shape(key, value)?;
     encode_shaped(key, value, &shape, max_bytes)
+}
+
+/// [`encode`] into shared text, the form the cached store keeps. The usual
+/// small value is serialized into a reused per-thread buffer and copied once
+/// into its `Arc<str>`, instead of into a growing `String` that is then
+/// copied and freed.
+pub(crate) fn encode_shared(
+    key: &str,
+    value: &Value,
+    max_bytes: usize,
+) -> Result<Arc<str>, StoreError> {
+    /// Larger buffers are not kept between calls.
+    const KEEP_CAPACITY: usize = 64 * 1024;
+    thread_local! {
+        static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    let shape = checked_shape(key, value)?;
+    if needs_envelope(value, &shape) {
+        return encode_shaped(key, value, &shape, max_bytes).map(Arc::from);
+    }
+    BUFFER.with_borrow_mut(|buffer| {
+        buffer.clear();
+        let written = serde_json::to_writer(&mut *buffer, value)
+            .map_err(|source| serialize_error(key, source))
+            .and_then(|()| within_limit(key, buffer.len(), max_bytes))
+            .and_then(|()| {
+                std::str::from_utf8(buffer)
+                    .map(Arc::from)
+                    .map_err(|e| StoreError::Corrupt {
+                        key: key.to_owned(),
+                        table: String::new(),
+                        reason: format!("serde_json wrote text that is not UTF-8: {e}"),
+                    })
+            });
+        if buffer.capacity() > KEEP_CAPACITY {
+            *buffer = Vec::new();
+        }
+        written
+    })
 }
 
 /// The value's shape, once it is known not to be nested too deeply.
@@ -133,6 +175,48 @@ struct Shape {
 /// Measures nesting depth and looks for U+0000, without recursion, so that a
 /// pathologically deep value cannot overflow the stack here.
 fn inspect(value: &Value) -> Shape {
+    let mut shape = Shape {
+        depth: 0,
+        has_nul: false,
+    };
+    if inspect_shallow(value, 0, &mut shape) {
+        return shape;
+    }
+    inspect_deep(value)
+}
+
+/// The usual case, without allocating: recursion that stops, returning
+/// `false`, below [`MAX_DEPTH`] levels, so it cannot run out of stack.
+fn inspect_shallow(value: &Value, depth: usize, shape: &mut Shape) -> bool {
+    match value {
+        Value::String(s) => shape.has_nul |= s.contains('\0'),
+        Value::Array(items) => {
+            if depth >= MAX_DEPTH {
+                return false;
+            }
+            shape.depth = shape.depth.max(depth + 1);
+            return items
+                .iter()
+                .all(|item| inspect_shallow(item, depth + 1, shape));
+        }
+        Value::Object(map) => {
+            if depth >= MAX_DEPTH {
+                return false;
+            }
+            shape.depth = shape.depth.max(depth + 1);
+            return map.iter().all(|(k, v)| {
+                shape.has_nul |= k.contains('\0');
+                inspect_shallow(v, depth + 1, shape)
+            });
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+    true
+}
+
+/// Any depth, iteratively, for a value too deep for [`inspect_shallow`]:
+/// its exact depth goes into the error.
+fn inspect_deep(value: &Value) -> Shape {
     let mut shape = Shape {
         depth: 0,
         has_nul: false,
@@ -242,6 +326,29 @@ mod tests {
             message.contains("key1") && message.contains("tab"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn shared_encoding_is_the_same_text_with_the_same_errors() {
+        let deep = (0..MAX_DEPTH + 1).fold(json!(1), |inner, _| json!([inner]));
+        let limit_deep = (0..MAX_DEPTH).fold(json!(1), |inner, _| json!([inner]));
+        let cases = [
+            json!({"lsn": "0/16B3748", "ts": 1}),
+            json!("x".repeat(100_000)),
+            json!("nul\u{0}"),
+            json!({ENVELOPE_KEY: "y"}),
+            limit_deep,
+            deep,
+        ];
+        for value in cases {
+            for limit in [10, 60, usize::MAX] {
+                let plain = encode("k", &value, limit).map_err(|e| e.to_string());
+                let shared = encode_shared("k", &value, limit)
+                    .map(|text| text.to_string())
+                    .map_err(|e| e.to_string());
+                assert_eq!(shared, plain, "at limit {limit}");
+            }
+        }
     }
 
     #[test]

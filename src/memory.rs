@@ -222,9 +222,9 @@ fn unavailable() -> BatchError {
 
 #[async_trait]
 impl StateBackend for MemoryBackend {
-    fn encode(&self, key: &str, value: &Value) -> Result<String, FaucetError> {
+    fn encode(&self, key: &str, value: &Value) -> Result<Arc<str>, FaucetError> {
         validate_state_key(key)?;
-        Ok(codec::encode(key, value, self.max_value_bytes)?)
+        Ok(codec::encode_shared(key, value, self.max_value_bytes)?)
     }
 
     fn decode(&self, key: &str, stored: &str) -> Result<Value, FaucetError> {
