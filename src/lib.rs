@@ -248,28 +248,19 @@
 
 #![deny(missing_docs)]
 
-mod backend;
-mod cache;
-mod cached;
-mod codec;
 mod config;
-mod connect;
+mod engine;
 mod error;
-mod exec;
-mod flusher;
 mod lock;
-mod memory;
-mod pg;
-mod probe;
-mod report;
-mod reserve;
-mod schema;
-mod session;
+mod postgres;
 mod settings;
-mod sql;
-mod stats;
 #[cfg(test)]
 mod test_hooks;
+
+// The modules by their short names, so that every file refers to a sibling
+// the same way whichever folder it lives in.
+use engine::{backend, cache, cached, flusher, memory, report, stats};
+use postgres::{codec, connect, exec, pg, probe, reserve, schema, session, sql};
 
 pub use backend::{BatchError, StateBackend};
 pub use cached::CachedStateStore;
