@@ -214,3 +214,32 @@ async fn batches_are_bounded_by_encoded_bytes_as_well_as_by_keys() {
     }
     store.shutdown().await.unwrap();
 }
+
+/// Regression: with two batches in flight, one failing for a transient
+/// reason and the other refused, the refused batch's halves were pushed
+/// after the round had stopped starting batches, and were dropped: their
+/// keys stayed dirty but in no queue, so a good key among them was never
+/// written.
+#[tokio::test]
+async fn a_batch_refused_beside_a_failed_one_loses_no_key() {
+    let (backend, store) = store_with(
+        options(Durability::WriteBehind)
+            .max_batch(2)
+            .concurrent_batches(2),
+    );
+    for key in ["a", "b", "c", "d"] {
+        store.put(key, &json!(key)).await.unwrap();
+    }
+    backend.refuse_key("c");
+    // Batches [a, b] and [c, d]: the first fails, the second is refused.
+    backend.fail_next_writes(1);
+    assert!(store.flush().await.is_err());
+    let err = store.flush().await.unwrap_err().to_string();
+    assert!(err.contains("'c'"), "{err}");
+    let rows = backend.rows();
+    for key in ["a", "b", "d"] {
+        assert_eq!(rows.get(key), Some(&json!(key)), "{key} was not written");
+    }
+    assert_eq!(refused_keys(&store), ["c"]);
+    assert_eq!(store.stats().dirty_keys, 1);
+}

@@ -283,13 +283,20 @@ async fn run_round<B: StateBackend>(engine: &Engine<B>) -> Result<(), ()> {
                     keys = retried,
                     "faucet-state-postgres: flushing a batch failed; the keys stay dirty and will be retried"
                 );
-                let requeued = std::iter::once(batch).chain(pending.drain(..));
-                engine.cache.requeue(requeued.flatten().map(|(key, _)| key));
+                engine.cache.requeue(batch.into_iter().map(|(key, _)| key));
                 if outcome.is_ok() {
                     outcome = Err(Arc::from(error.to_string()));
                 }
             }
         }
+    }
+    // After a transient failure nothing more is started: what was pending,
+    // including the halves of a batch refused meanwhile, goes back on the
+    // queue (invariant 2 of the cache: every dirty key stays somewhere).
+    if !pending.is_empty() {
+        engine
+            .cache
+            .requeue(pending.drain(..).flatten().map(|(key, _)| key));
     }
     engine.cache.round_ended();
     engine.counters.dirty_keys(engine.cache.dirty_len());
