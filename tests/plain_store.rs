@@ -455,3 +455,42 @@ async fn prepared_mode_prepares_statements_and_keeps_the_server_side_timeout() {
     store.put("a", &json!(3)).await.unwrap();
     assert_eq!(store.get("a").await.unwrap(), Some(json!(3)));
 }
+
+/// Regression: a connection the store kept from before prepared mode was
+/// turned on (the reserve bypasses the pool's check of session settings)
+/// ran prepared statements without the session's statement timeout, so a
+/// put stuck on a row lock waited for the client deadline instead of being
+/// cancelled by the server.
+#[tokio::test]
+async fn turning_prepared_mode_on_later_keeps_the_server_side_timeout() {
+    if support::via_pgbouncer() {
+        eprintln!("skipped: prepared statements need connections that keep their session");
+        return;
+    }
+    let table = support::unique_table("prepared_later");
+    let store = PostgresStateStore::connect_with(&support::database_url(), 3, &table)
+        .await
+        .unwrap()
+        .with_statement_timeout(std::time::Duration::from_millis(300));
+    store.ensure_table().await.unwrap();
+    let holder = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&support::database_url())
+        .await
+        .unwrap();
+    // Answered in the default mode: the connection is kept for the next call.
+    store.put("a", &json!(1)).await.unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM \"{table}\" WHERE key = 'a' FOR UPDATE"
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let store = store.with_prepared_statements(true);
+    let err = store.put("a", &json!(2)).await.unwrap_err().to_string();
+    assert!(err.contains("statement timeout"), "{err}");
+    tx.rollback().await.unwrap();
+    store.put("a", &json!(3)).await.unwrap();
+    assert_eq!(store.get("a").await.unwrap(), Some(json!(3)));
+}

@@ -62,6 +62,11 @@ impl Executor {
         self.statement_timeout
     }
 
+    /// Gives every kept connection back to the pool.
+    pub(crate) fn release_kept(&self) {
+        self.reserve.release_all();
+    }
+
     /// Sends `sql` (one simple-protocol message) and returns the rows of its
     /// statements, retrying on lost connections (see the module docs).
     pub(crate) async fn fetch(&self, sql: &str) -> Result<Vec<PgRow>, sqlx::Error> {

@@ -219,9 +219,13 @@ impl PostgresStateStore {
         self.prepared.is_some()
     }
 
+    /// Records the mode and timeout every connection should have. Kept
+    /// connections go back to the pool, whose `before_acquire` retires the
+    /// ones opened before the change; the reserve bypasses that check.
     fn configure_sessions(&self) {
         if let Some(session) = &self.session {
             session.configure(self.prepared.is_some(), self.statement_timeout());
+            self.exec.release_kept();
         }
     }
 

@@ -111,6 +111,13 @@ impl Reserve {
         self.start_sweeper();
     }
 
+    /// Gives every kept connection back to the pool (the session settings
+    /// changed, and the pool's `before_acquire` must see them).
+    pub(crate) fn release_all(&self) {
+        let kept = std::mem::take(&mut *lock(&self.inner.kept));
+        give_back(kept);
+    }
+
     /// One task per reserve returns connections unused for [`HOLD`]; it ends
     /// when the reserve is gone. Started at the first `keep`, which runs
     /// inside the runtime.
@@ -133,7 +140,7 @@ impl Reserve {
                     *kept = fresh;
                     stale
                 };
-                drop(stale);
+                give_back(stale);
             }
         });
     }
@@ -149,16 +156,22 @@ impl Drop for WaitingGuard<'_> {
 }
 
 impl Drop for Inner {
-    /// sqlx returns a dropped connection to its pool from a spawned task,
-    /// which needs a runtime. Without one (a store dropped after its
-    /// runtime), the connections are closed directly instead.
     fn drop(&mut self) {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return;
-        }
-        let kept = std::mem::take(self.kept.get_mut().unwrap_or_else(|p| p.into_inner()));
-        for kept in kept {
-            drop(kept.conn.leak());
-        }
+        give_back(std::mem::take(
+            self.kept.get_mut().unwrap_or_else(|p| p.into_inner()),
+        ));
+    }
+}
+
+/// Returns connections to their pool. sqlx does that from a spawned task,
+/// which needs a runtime; without one (a store dropped, or reconfigured,
+/// outside its runtime) the connections are closed directly instead.
+fn give_back(kept: Vec<Kept>) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        drop(kept);
+        return;
+    }
+    for kept in kept {
+        drop(kept.conn.leak());
     }
 }
