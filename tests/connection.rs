@@ -378,3 +378,28 @@ async fn kept_connections_leave_one_for_others_and_go_back_when_idle() {
         assert_eq!(store.get(&format!("k{t}")).await.unwrap(), Some(json!(19)));
     }
 }
+
+/// A server that accepts the connection and never answers (a stalled proxy,
+/// a wrong port on a busy host) fails `connect` within the acquire timeout
+/// instead of holding the caller forever.
+#[tokio::test]
+async fn connect_to_a_server_that_never_answers_fails_within_its_deadline() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let url = format!("postgres://app:{SECRET}@127.0.0.1:{port}/app");
+    // Far above the 10 s deadline: only a hang fails here.
+    let err = tokio::time::timeout(Duration::from_secs(60), PostgresStateStore::connect(&url))
+        .await
+        .expect("connect hung")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no answer within"), "{err}");
+    assert!(!err.contains(SECRET), "{err}");
+    silent.abort();
+}

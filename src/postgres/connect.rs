@@ -79,11 +79,20 @@ pub(crate) async fn connect_pool(
     let options = PgConnectOptions::from_str(url)
         .map_err(connect_error)?
         .extra_float_digits(None);
-    let first = PgConnection::connect_with(&options)
+    // Bounded like the pool's own connects: an address that drops packets
+    // would otherwise hold the caller for the system's TCP timeout.
+    let first = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options))
         .await
+        .map_err(|_| StoreError::Connect {
+            target: redact_url(url),
+            reason: format!(
+                "no answer within {ACQUIRE_TIMEOUT:?}; check the host, the port and any firewall"
+            ),
+        })?
         .map_err(connect_error)?;
-    // The pool opens its own connections; this one has done its job.
-    let _ = first.close().await;
+    // The pool opens its own connections; this one has done its job. A
+    // close that hangs is abandoned (the socket is dropped with it).
+    let _ = tokio::time::timeout(ACQUIRE_TIMEOUT, first.close()).await;
     pool_options(max_connections, session)
         .connect_with(options)
         .await
