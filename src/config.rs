@@ -105,9 +105,10 @@ pub enum Durability {
     /// the cache. A crash loses nothing that was acknowledged.
     WriteThrough,
     /// `put` and `delete` return after the batch that carries them commits.
-    /// Concurrent callers share one round trip, and the next batch starts as
-    /// soon as the previous one commits. A crash loses nothing that was
-    /// acknowledged. The default.
+    /// Concurrent callers share one round trip, and while one batch
+    /// commits the next one, carrying the writes made meanwhile, is already
+    /// on its way (up to `concurrent_batches`). A crash loses nothing that
+    /// was acknowledged. The default.
     #[default]
     GroupCommit,
     /// `put` and `delete` return once the cache holds them; the flusher
@@ -223,13 +224,16 @@ option_accessors! {
     /// memory longer, so batches are cut by size as well as by keys; a single
     /// write larger than this goes alone. Must be at least 1.
     max_batch_bytes / get_max_batch_bytes: usize;
-    /// Most batches of one flush round written at the same time, each in its
-    /// own transaction on its own connection (default 2): while the server
-    /// commits one, the next is already on its way, which keeps the server
-    /// busy when many keys are dirty. A round still ends only when all its
-    /// batches have, and the batches of a round hold distinct keys in key
-    /// order, so they cannot deadlock each other. Must be at least 1; 1
-    /// writes one batch after another.
+    /// Most batches written at the same time, each in its own transaction
+    /// on its own connection (default 2): while the server commits one, the
+    /// next is already on its way, of the same flush round or of the next
+    /// one, which keeps the server busy when many keys are dirty and lets
+    /// group-commit writers whose batch committed be carried again while
+    /// the other batch is in flight. Batches in flight hold distinct keys,
+    /// each in key order, so they cannot deadlock each other; a key written
+    /// again while in flight goes in a later batch. Must be at least 1; 1
+    /// writes one batch after another, and a round starts only when the
+    /// previous one has ended.
     concurrent_batches / get_concurrent_batches: usize;
     /// Most dirty (not yet persisted) keys held in memory. A write that would
     /// exceed it waits up to `put_timeout` for the flusher, then fails; it is

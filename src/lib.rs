@@ -67,8 +67,9 @@
 //!    put for its key, whole, and per key never goes back to an older value:
 //!    a key is in at most one batch in flight (batches written at the same
 //!    time, up to [`concurrent_batches`](CacheOptions::concurrent_batches),
-//!    hold distinct keys), and a put that arrives while its key is being
-//!    flushed stays dirty and is written by a later batch. A delete after a
+//!    of one flush round or of consecutive ones, hold distinct keys), and a
+//!    put that arrives while its key is being flushed stays dirty and is
+//!    written by a later batch, started only once that one has ended. A delete after a
 //!    put in the same window deletes. *(`a_put_racing_the_flush_of_its_key_stays_dirty_and_lands_next`,
 //!    `a_delete_after_a_put_in_one_window_does_not_resurrect_the_key`,
 //!    `many_tasks_on_few_keys_end_with_the_last_writes`, `puts_racing_flushes_end_with_the_last_values`,
@@ -77,8 +78,11 @@
 //!    cannot go back either. *(`a_slow_read_racing_a_write_never_caches_a_stale_value`)*
 //! 3. **`flush()`.** When it returns `Ok`, every put and delete that returned
 //!    before `flush()` was called is committed. On `Err` nothing is dropped:
-//!    the entries stay dirty and the flusher retries them.
-//!    *(`a_failed_flush_keeps_every_entry_dirty_and_a_later_flush_commits_it`)*
+//!    the entries stay dirty and the flusher retries them. It waits for
+//!    every batch that may carry those writes, including one that was
+//!    already in flight when it was called.
+//!    *(`a_failed_flush_keeps_every_entry_dirty_and_a_later_flush_commits_it`,
+//!    `flush_waits_for_a_round_in_flight_even_when_later_rounds_commit_first`)*
 //! 4. **`shutdown()`.** Later writes get an error; every dirty entry is
 //!    flushed, retrying until [`shutdown_timeout`](CacheOptions::shutdown_timeout);
 //!    the flusher ends. `Ok` only when nothing is left; otherwise the error
@@ -92,9 +96,12 @@
 //! 5. **Crash loss.** In write-behind mode a crash loses at most the writes
 //!    made since the last committed batch, never a write that a completed
 //!    `flush()` or `shutdown()` acknowledged. In write-through and group-commit
-//!    modes it loses no write whose `put` or `delete` returned.
+//!    modes it loses no write whose `put` or `delete` returned. A
+//!    group-commit write returns as soon as the batch carrying it (or a newer
+//!    write of its key) commits, whatever other batches are still in flight.
 //!    *(`a_crash_costs_at_most_the_writes_since_the_last_committed_batch`,
 //!    `group_commit_puts_from_64_tasks_are_each_durable_on_return`,
+//!    `a_group_commit_put_returns_when_its_own_batch_commits_while_another_is_in_flight`,
 //!    `a_killed_process_loses_no_acknowledged_write`)*
 //! 6. **Bounded memory.** At most [`max_pending`](CacheOptions::max_pending)
 //!    keys are dirty. When that many are, a write of another key waits for

@@ -125,21 +125,19 @@ async fn a_put_racing_the_flush_of_its_key_stays_dirty_and_lands_next() {
     });
     backend.wait_for_write_attempts(1).await; // the batch carrying v1 is in flight
     store.put("k", &json!("v2")).await.unwrap();
-    drop(pause);
-    first_flush.await.unwrap().unwrap();
-    assert_eq!(
-        backend.rows()["k"],
-        json!("v1"),
-        "the in-flight batch carried v1"
-    );
     assert_eq!(
         store.stats().dirty_keys,
         1,
-        "v2 arrived during the flush: still dirty"
+        "v2 is dirty while v1 is in flight"
     );
     assert_eq!(store.get("k").await.unwrap(), Some(json!("v2")));
+    drop(pause);
+    first_flush.await.unwrap().unwrap();
+    // The flush waited for the next round too (rounds may overlap), and
+    // that round carried v2; the older batch did not overwrite it.
     store.flush().await.unwrap();
     assert_eq!(backend.rows()["k"], json!("v2"));
+    assert_eq!(store.stats().dirty_keys, 0);
     assert_eq!(backend.committed_batches(), [1, 1]);
     store.shutdown().await.unwrap();
 }
@@ -694,4 +692,85 @@ async fn a_round_writes_at_most_concurrent_batches_at_once() {
         assert_eq!(backend.rows().len(), 3);
         store.shutdown().await.unwrap();
     }
+}
+
+/// Group commit is pipelined: while one batch is in flight, writes of other
+/// keys go in the next round, on another of the `concurrent_batches`, and
+/// each returns as soon as its own batch commits. With one batch at a time
+/// they wait for the batch in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_commit_put_returns_when_its_own_batch_commits_while_another_is_in_flight() {
+    for concurrent in [2usize, 1] {
+        let options = CacheOptions::new()
+            .durability(Durability::GroupCommit)
+            .concurrent_batches(concurrent);
+        let (backend, store) = store_with(options);
+        let store = Arc::new(store);
+        let paused = backend.pause_writes_of("slow").await;
+        let slow = tokio::spawn({
+            let store = store.clone();
+            async move { store.put("slow", &json!(1)).await }
+        });
+        backend.wait_for_write_attempts(1).await;
+        let fast = tokio::spawn({
+            let store = store.clone();
+            async move { store.put("fast", &json!(2)).await }
+        });
+        if concurrent == 2 {
+            // A hang guard only: the put needs no time, just its own batch.
+            tokio::time::timeout(Duration::from_secs(30), fast)
+                .await
+                .expect("the put waited for another key's batch")
+                .unwrap()
+                .unwrap();
+            assert_eq!(backend.rows().get("fast"), Some(&json!(2)));
+            assert!(!slow.is_finished(), "the held batch cannot have returned");
+            drop(paused);
+        } else {
+            for _ in 0..50 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(backend.write_attempts(), 1, "a second batch started");
+            assert!(!fast.is_finished());
+            drop(paused);
+            fast.await.unwrap().unwrap();
+        }
+        slow.await.unwrap().unwrap();
+        assert_eq!(backend.rows().get("slow"), Some(&json!(1)));
+        store.shutdown().await.unwrap();
+    }
+}
+
+/// Guarantee 3 with rounds overlapping: `flush()` waits for a round that
+/// was already in flight when it was called, even when later rounds commit
+/// first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_waits_for_a_round_in_flight_even_when_later_rounds_commit_first() {
+    let (backend, store) = store_with(write_behind());
+    let store = Arc::new(store);
+    store.put("slow", &json!(1)).await.unwrap();
+    let paused = backend.pause_writes_of("slow").await;
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move { store.flush().await }
+    });
+    backend.wait_for_write_attempts(1).await;
+    store.put("fast", &json!(2)).await.unwrap();
+    let second = tokio::spawn({
+        let store = store.clone();
+        async move { store.flush().await }
+    });
+    while !backend.rows().contains_key("fast") {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!first.is_finished() && !second.is_finished());
+    assert!(!backend.rows().contains_key("slow"));
+    drop(paused);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(backend.rows().get("slow"), Some(&json!(1)));
+    store.shutdown().await.unwrap();
 }

@@ -5,7 +5,7 @@
 //! written). Invariants:
 //!
 //! 1. A dirty slot is never evicted, so reads always see the newest write.
-//! 2. Every dirty key is in exactly one place: the dirty queue, the round
+//! 2. Every dirty key is in exactly one place: the dirty queue, a round
 //!    the flusher is writing, or *parked* after the server refused it (see
 //!    below); never twice. The queue is therefore bounded by `max_pending`,
 //!    like the dirty slots.
@@ -19,6 +19,11 @@
 //!    alone); a newer write of the key removes the record and queues the key
 //!    again. A slot's refusal state and its record change together, under
 //!    the slot's lock (lock order: slot, then `refusals`, then the queue).
+//! 6. A slot's `persisted` version only grows, and every write of the key
+//!    with a version up to it is durable (it, or a newer write of the key,
+//!    is committed). A missing slot was evicted clean, so every write of its
+//!    key so far is durable; a slot created by a write starts just below
+//!    that write's version for the same reason.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -50,6 +55,8 @@ struct Slot {
     value: Option<Stored>,
     state: SlotState,
     refused: Refused,
+    /// Invariant 6: writes up to this version are durable.
+    persisted: u64,
 }
 
 /// Where a dirty key whose write the server refused stands (invariant 5).
@@ -94,7 +101,7 @@ struct DirtyQueue {
     rounds_started: u64,
     /// When the queue last went from empty to not empty.
     waiting_since: Option<Instant>,
-    /// `waiting_since` of the queue the running round took.
+    /// The oldest `waiting_since` among the rounds in flight.
     in_flight_since: Option<Instant>,
 }
 
@@ -134,6 +141,27 @@ pub(crate) struct FillTicket {
 #[derive(Debug)]
 pub(crate) struct Full;
 
+/// Where one write (a key and the version `stage` gave it) stands.
+pub(crate) enum WriteStatus {
+    /// It, or a newer write of the key, is committed.
+    Durable,
+    /// The server refused it, or a newer write of the key (invariant 5).
+    Refused(Arc<str>),
+    /// Queued, in flight, or waiting for a retry after a failed batch.
+    Pending,
+}
+
+/// The keys a new round takes.
+pub(crate) struct TakenRound {
+    pub number: u64,
+    /// Queued keys, in queue order.
+    pub keys: Vec<Key>,
+    /// Parked keys due for their retry, each to be written alone.
+    pub retries: Vec<Key>,
+    /// Since when the oldest of these keys has waited.
+    pub since: Option<Instant>,
+}
+
 /// One key's write as the flusher takes it.
 pub(crate) struct DirtyEntry {
     pub version: u64,
@@ -157,7 +185,10 @@ pub(crate) struct Staged {
 
 #[derive(Debug)]
 pub(crate) struct Cache {
-    slots: DashMap<Key, Slot>,
+    /// foldhash, not the standard library's SipHash: every put hashes its
+    /// key at least twice (slot and stripe), and foldhash's keyed hash is
+    /// several times faster on short keys while still seeded per process.
+    slots: DashMap<Key, Slot, foldhash::fast::RandomState>,
     write_stamps: Box<[AtomicU64]>,
     queue: Mutex<DirtyQueue>,
     /// Parked keys (invariant 5).
@@ -176,7 +207,7 @@ pub(crate) struct Cache {
 impl Cache {
     pub(crate) fn new(max_pending: usize, capacity: usize) -> Self {
         Self {
-            slots: DashMap::new(),
+            slots: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             write_stamps: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             queue: Mutex::default(),
             refusals: Mutex::default(),
@@ -239,6 +270,7 @@ impl Cache {
                     value,
                     state: SlotState::Clean { stamp },
                     refused: Refused::No,
+                    persisted: stamp,
                 });
                 Some(key)
             }
@@ -319,21 +351,25 @@ impl Cache {
         }
     }
 
-    /// Takes every queued key for a new flush round; returns the round's
-    /// number and the keys.
+    /// Takes every queued key for a new flush round.
     ///
     /// Parked keys whose retry time has come are returned apart: each is
     /// written alone, so a write refused again blocks no other key.
-    pub(crate) fn take_round(&self) -> (u64, Vec<Key>, Vec<Key>) {
+    pub(crate) fn take_round(&self) -> TakenRound {
         let retries = self.take_due_retries();
         let mut queue = lock(&self.queue);
         queue.rounds_started += 1;
-        queue.in_flight_since = queue.waiting_since.take();
-        (
-            queue.rounds_started,
-            std::mem::take(&mut queue.keys),
+        let since = queue.waiting_since.take();
+        queue.in_flight_since = match (queue.in_flight_since, since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        TakenRound {
+            number: queue.rounds_started,
+            keys: std::mem::take(&mut queue.keys),
             retries,
-        )
+            since,
+        }
     }
 
     fn take_due_retries(&self) -> Vec<Key> {
@@ -397,17 +433,23 @@ impl Cache {
         }
     }
 
-    /// Why the server refused `key`, if its write `version` (or a newer one
-    /// of the same key) was refused and not yet replaced.
-    pub(crate) fn refusal_of(&self, key: &str, version: u64) -> Option<Arc<str>> {
-        let slot = self.slots.get(key)?;
+    /// Where the write `version` of `key` stands (invariants 5 and 6).
+    pub(crate) fn write_status(&self, key: &str, version: u64) -> WriteStatus {
+        let Some(slot) = self.slots.get(key) else {
+            return WriteStatus::Durable;
+        };
+        if slot.persisted >= version {
+            return WriteStatus::Durable;
+        }
         match slot.state {
-            SlotState::Dirty { version: current }
-                if current >= version && slot.refused != Refused::No =>
-            {
-                lock(&self.refusals).get(key).map(|r| r.reason.clone())
+            SlotState::Clean { .. } => WriteStatus::Durable,
+            SlotState::Dirty { .. } if slot.refused != Refused::No => {
+                match lock(&self.refusals).get(key) {
+                    Some(refusal) => WriteStatus::Refused(refusal.reason.clone()),
+                    None => WriteStatus::Pending,
+                }
             }
-            _ => None,
+            SlotState::Dirty { .. } => WriteStatus::Pending,
         }
     }
 
@@ -425,9 +467,10 @@ impl Cache {
         refused
     }
 
-    /// The running round ended; what it did not commit is queued again.
-    pub(crate) fn round_ended(&self) {
-        lock(&self.queue).in_flight_since = None;
+    /// The rounds in flight changed: `since` is the oldest `since` of those
+    /// still in flight ([`TakenRound::since`]), `None` when none is.
+    pub(crate) fn set_in_flight_since(&self, since: Option<Instant>) {
+        lock(&self.queue).in_flight_since = since;
     }
 
     /// Since when the oldest write not yet persisted has waited, if any.
@@ -454,12 +497,17 @@ impl Cache {
         let cleaned = match self.slots.get_mut(key) {
             Some(mut slot) if slot.state == (SlotState::Dirty { version }) => {
                 slot.state = SlotState::Clean { stamp };
+                slot.persisted = version;
                 if std::mem::replace(&mut slot.refused, Refused::No) != Refused::No {
                     lock(&self.refusals).remove(key);
                 }
                 true
             }
-            _ => false,
+            Some(mut slot) => {
+                slot.persisted = slot.persisted.max(version);
+                false
+            }
+            None => false,
         };
         if !cleaned {
             lock(&self.queue).push(key.clone());
@@ -526,10 +574,16 @@ impl Cache {
             }
             Entry::Vacant(vacant) => {
                 let key = vacant.key().clone();
+                // Invariant 6: with no slot, every earlier write is durable.
+                let persisted = match state {
+                    SlotState::Dirty { version } => version - 1,
+                    SlotState::Clean { stamp } => stamp,
+                };
                 let _locked = vacant.insert(Slot {
                     value,
                     state,
                     refused: Refused::No,
+                    persisted,
                 });
                 self.bump_stripe(&key);
                 (key, None)

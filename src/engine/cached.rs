@@ -18,7 +18,7 @@ use crate::PostgresStateStore;
 use crate::backend::{BatchError, StateBackend};
 use crate::cache::{Cache, Lookup, STRIPES, Stored};
 use crate::config::{CacheOptions, Durability};
-use crate::flusher::{self, Engine, RoundOutcome, deadline_after};
+use crate::flusher::{self, Engine, RoundOutcome, WriteOutcome, deadline_after};
 use crate::lock::lock;
 use crate::report;
 use crate::stats::{CacheStats, RefusedWrite};
@@ -310,6 +310,12 @@ impl<B: StateBackend> CachedStateStore<B> {
         // woken onto that thread would never run. Spending the task's
         // cooperative budget makes such a writer yield now and then.
         tokio::task::consume_budget().await;
+        // Group commit: only rounds started after this point can carry the
+        // write (see `Engine::wait_for_write`).
+        let rounds_before = match durability {
+            Durability::GroupCommit => self.engine.cache.rounds_started(),
+            _ => 0,
+        };
         let staged = self
             .engine
             .cache
@@ -333,7 +339,10 @@ impl<B: StateBackend> CachedStateStore<B> {
             return Ok(());
         }
         let Ok(outcome) = self
-            .within_write_timeout(self.engine.wait_for_durability())
+            .within_write_timeout(
+                self.engine
+                    .wait_for_write(key, staged.version, rounds_before),
+            )
             .await
         else {
             return Err(FaucetError::State(format!(
@@ -343,18 +352,16 @@ impl<B: StateBackend> CachedStateStore<B> {
             )));
         };
         match outcome {
-            RoundOutcome::Committed => match self.engine.cache.refusal_of(key, staged.version) {
-                None => Ok(()),
-                Some(reason) => Err(FaucetError::State(format!(
-                    "the server refused the write of key '{key}': {reason}; the write stays pending \
-                     and is retried alone every retry_backoff_max, blocking no other key; \
-                     write the key again with a value the table accepts"
-                ))),
-            },
-            RoundOutcome::Failed(error) => Err(FaucetError::State(format!(
+            WriteOutcome::Durable => Ok(()),
+            WriteOutcome::Refused(reason) => Err(FaucetError::State(format!(
+                "the server refused the write of key '{key}': {reason}; the write stays pending \
+                 and is retried alone every retry_backoff_max, blocking no other key; \
+                 write the key again with a value the table accepts"
+            ))),
+            WriteOutcome::Failed(error) => Err(FaucetError::State(format!(
                 "the batch carrying key '{key}' failed: {error}; the write stays queued and is retried"
             ))),
-            RoundOutcome::Stopped => report::nothing_left(&self.engine, "put"),
+            WriteOutcome::Stopped => report::nothing_left(&self.engine, "put"),
         }
     }
 

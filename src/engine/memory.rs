@@ -51,6 +51,9 @@ pub struct MemoryBackend {
     /// Like `gate`, after a batch committed and before it returns: held by
     /// [`pause_after_commit`](Self::pause_after_commit).
     ack_gate: Arc<RwLock<()>>,
+    /// Like `gate`, for the batches that carry one key: held by
+    /// [`pause_writes_of`](Self::pause_writes_of).
+    key_gates: Mutex<HashMap<String, Arc<RwLock<()>>>>,
     attempts: watch::Sender<u64>,
     loads: watch::Sender<u64>,
     /// Rows and encoded bytes (values and keys) of each committed batch.
@@ -83,6 +86,7 @@ impl Default for MemoryBackend {
             gate: Arc::default(),
             load_gate: Arc::default(),
             ack_gate: Arc::default(),
+            key_gates: Mutex::default(),
             attempts: watch::channel(0).0,
             loads: watch::channel(0).0,
             committed: Mutex::default(),
@@ -140,6 +144,32 @@ impl MemoryBackend {
     pub async fn pause_writes(&self) -> Pause {
         Pause {
             _guard: self.gate.clone().write_owned().await,
+        }
+    }
+
+    /// Holds every batch write that carries `key` (an upsert or a delete)
+    /// in flight, after it has counted as an attempt and before it commits,
+    /// until the returned guard is dropped; other batches go on.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use faucet_state_postgres::{MemoryBackend, StateBackend};
+    ///
+    /// let backend = MemoryBackend::new();
+    /// let paused = backend.pause_writes_of("slow").await;
+    /// backend.write_batch(&[("fast", "1")], &[]).await.unwrap(); // not held
+    /// drop(paused);
+    /// backend.write_batch(&[("slow", "2")], &[]).await.unwrap();
+    /// assert_eq!(backend.rows().len(), 2);
+    /// # }
+    /// ```
+    pub async fn pause_writes_of(&self, key: &str) -> Pause {
+        let gate = lock(&self.key_gates)
+            .entry(key.to_owned())
+            .or_default()
+            .clone();
+        Pause {
+            _guard: gate.write_owned().await,
         }
     }
 
@@ -253,6 +283,18 @@ impl StateBackend for MemoryBackend {
     ) -> Result<(), BatchError> {
         self.attempts.send_modify(|n| *n += 1);
         let _open = self.gate.read().await;
+        let key_gates: Vec<Arc<RwLock<()>>> = {
+            let gates = lock(&self.key_gates);
+            upserts
+                .iter()
+                .map(|(key, _)| *key)
+                .chain(deletes.iter().copied())
+                .filter_map(|key| gates.get(key).cloned())
+                .collect()
+        };
+        for gate in key_gates {
+            drop(gate.read().await);
+        }
         let delay = lock(&self.faults).write_delay;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
