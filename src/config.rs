@@ -112,8 +112,8 @@ pub enum Durability {
     #[default]
     GroupCommit,
     /// `put` and `delete` return once the cache holds them; the flusher
-    /// writes every `flush_interval`, or as soon as `max_batch` keys are
-    /// dirty. A crash loses the writes made since the last committed batch,
+    /// writes every `flush_interval`, or as soon as half of `max_pending`
+    /// keys are waiting. A crash loses the writes made since the last committed batch,
     /// but never one that a completed `flush()` or `shutdown()` acknowledged.
     WriteBehind,
 }
@@ -128,9 +128,9 @@ pub enum Durability {
 /// | [`name`](Self::name) | the table name, or `default` | the `store` label of metrics and spans |
 /// | [`durability`](Self::durability) | [`Durability::GroupCommit`] | when a write returns |
 /// | [`flush_interval`](Self::flush_interval) | 1 s | write-behind: longest time a write waits for the flusher |
-/// | [`max_batch`](Self::max_batch) | 1,000 | most keys per transaction; write-behind also flushes as soon as this many are dirty |
+/// | [`max_batch`](Self::max_batch) | 1,000 | most keys per transaction |
 /// | [`max_batch_bytes`](Self::max_batch_bytes) | 32 MiB | most encoded bytes (values and keys) per transaction; a larger single write goes alone |
-/// | [`max_pending`](Self::max_pending) | 100,000 | most dirty keys held in memory |
+/// | [`max_pending`](Self::max_pending) | 100,000 | most dirty keys held in memory; write-behind also flushes as soon as half this many are waiting |
 /// | [`put_timeout`](Self::put_timeout) | 5 s | how long a write waits for room when `max_pending` keys are dirty |
 /// | [`write_timeout`](Self::write_timeout) | 30 s | how long a write-through or group-commit `put`/`delete`, or `flush()`, waits for its commit before it returns an error (the write stays queued) |
 /// | [`cache_capacity`](Self::cache_capacity) | 100,000 | most clean (persisted) entries kept for reads |
@@ -237,7 +237,10 @@ option_accessors! {
     concurrent_batches / get_concurrent_batches: usize;
     /// Most dirty (not yet persisted) keys held in memory. A write that would
     /// exceed it waits up to `put_timeout` for the flusher, then fails; it is
-    /// never dropped silently. Must be at least 1.
+    /// never dropped silently. Write-behind flushes before `flush_interval`
+    /// ends once half this many keys are waiting: earlier would rewrite hot
+    /// keys over and over, costing the server what coalescing saves. Must be
+    /// at least 1.
     max_pending / get_max_pending: usize;
     /// How long a write waits for room when `max_pending` keys are dirty.
     put_timeout / get_put_timeout: Duration;

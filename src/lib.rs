@@ -168,7 +168,7 @@
 //!     through another connection. A timed-out write is therefore reported
 //!     as "not known to be durable" and, in buffered modes, written again.
 //! 11. **Liveness.** The flusher runs every `flush_interval`, and as soon as
-//!     `max_batch` keys (or `max_pending`, if smaller) are waiting, however
+//!     half of `max_pending` keys are waiting (rounding up), however
 //!     the writers are scheduled: a writer that never awaits anything else
 //!     still yields its thread now and then. No option value makes the store
 //!     panic. *(`tests/engine_liveness.rs`)*

@@ -85,14 +85,21 @@ async fn write_behind_acknowledges_from_memory_and_coalesces_per_key() {
 }
 
 #[tokio::test]
-async fn write_behind_flushes_on_its_own_when_max_batch_keys_are_dirty() {
-    let (backend, store) = store_with(write_behind().max_batch(10));
-    for i in 0..10 {
+async fn write_behind_flushes_on_its_own_when_half_of_max_pending_keys_are_waiting() {
+    let (backend, store) = store_with(write_behind().max_pending(20).max_batch(5));
+    for i in 0..9 {
         store.put(&format!("k{i}"), &json!(i)).await.unwrap();
     }
+    // Nine keys: below half the buffer, so nothing is written before the
+    // flush interval; coalescing goes on.
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(backend.write_attempts(), 0);
+    store.put("k9", &json!(9)).await.unwrap();
     backend.wait_for_write_attempts(1).await;
     store.flush().await.unwrap();
-    assert_eq!(backend.committed_batches(), [10]);
+    assert_eq!(backend.committed_batches(), [5, 5]);
     store.shutdown().await.unwrap();
 }
 
@@ -159,16 +166,13 @@ async fn a_delete_after_a_put_in_one_window_does_not_resurrect_the_key() {
 #[tokio::test]
 async fn flushes_are_chunked_into_batches_of_at_most_max_batch_keys() {
     let (backend, store) = store_with(write_behind().max_batch(10).max_pending(1000));
-    let pause = backend.pause_writes().await; // keep auto-flushes from splitting the set
+    // 95 keys: under half of max_pending, so only the flush writes them.
     for i in 0..95 {
         store.put(&format!("key-{i}"), &json!(i)).await.unwrap();
     }
-    backend.wait_for_write_attempts(1).await; // a full batch triggered the flusher
-    drop(pause);
     store.flush().await.unwrap();
     let batches = backend.committed_batches();
-    assert!(batches.iter().all(|&n| n <= 10), "{batches:?}");
-    assert_eq!(batches.iter().sum::<usize>(), 95);
+    assert_eq!(batches, [10, 10, 10, 10, 10, 10, 10, 10, 10, 5]);
     assert_eq!(backend.rows().len(), 95);
     store.shutdown().await.unwrap();
 }

@@ -81,9 +81,10 @@ pub(crate) struct Engine<B> {
     pub abandoned: AtomicBool,
     /// The flusher task has ended, for whatever reason.
     pub stopped: AtomicBool,
-    /// Queued keys that make a round due at once: `max_batch`, or
-    /// `max_pending` when that is smaller (a full buffer must be flushed
-    /// however small it is).
+    /// Queued keys that make a round due before the flush interval ends:
+    /// half of `max_pending`. Writing earlier would only write hot keys
+    /// again and again, costing the server what coalescing saves; writing
+    /// at half keeps room in the buffer, so writers do not wait for it.
     pub flush_threshold: usize,
 }
 
@@ -120,7 +121,7 @@ impl<B: StateBackend> Engine<B> {
             shutting_down: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
-            flush_threshold: options.get_max_batch().min(options.get_max_pending()),
+            flush_threshold: options.get_max_pending().div_ceil(2),
             options,
         }
     }
