@@ -78,18 +78,28 @@ pub(crate) fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
             reason: "it is longer than any valid key (256 characters)".to_owned(),
         });
     }
-    match prefix
-        .char_indices()
-        .find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.')))
-    {
+    match prefix.char_indices().find(|&(_, c)| !can_occur_in_a_key(c)) {
         Some((at, c)) => Err(StoreError::InvalidPrefix {
             prefix: prefix.to_owned(),
             reason: format!(
-                "character {c:?} at byte {at} cannot occur in a key (keys use ASCII letters, digits, '_', '-', ':' and '.')"
+                "character {c:?} at byte {at} cannot occur in a key (see faucet_core::state::validate_state_key)"
             ),
         }),
         None => Ok(()),
     }
+}
+
+/// Whether `c` may occur inside a key, by the rules of the faucet-core this
+/// crate is built with: `/` (an owner namespace) is a key character from
+/// faucet-core 1.16 on. Asked of the core's own validator, with `c` between
+/// two letters, so the rule cannot drift from the core's.
+fn can_occur_in_a_key(c: char) -> bool {
+    let mut probe = [0u8; 6];
+    probe[0] = b'a';
+    let len = c.encode_utf8(&mut probe[1..5]).len();
+    probe[1 + len] = b'a';
+    std::str::from_utf8(&probe[..len + 2])
+        .is_ok_and(|key| faucet_core::state::validate_state_key(key).is_ok())
 }
 
 /// When a write of a [`CachedStateStore`](crate::CachedStateStore) returns,

@@ -131,6 +131,9 @@ async fn bad_keys_are_refused_before_any_sql() {
         );
         assert_rejected_key(store.delete_many(&["ok", key]).await, key);
         assert_rejected_key(store.get_many(&["ok", key]).await, key);
+        assert_rejected_key(store.compare_and_put(key, None, &json!(1)).await, key);
+        let batch = [("ok".to_owned(), json!(1)), (key.to_owned(), json!(2))];
+        assert_rejected_key(store.put_batch(&batch).await, key);
     }
     let err = store.list("a%").await.unwrap_err().to_string();
     assert!(err.contains("invalid key prefix"), "{err}");
@@ -493,4 +496,130 @@ async fn turning_prepared_mode_on_later_keeps_the_server_side_timeout() {
     tx.rollback().await.unwrap();
     store.put("a", &json!(3)).await.unwrap();
     assert_eq!(store.get("a").await.unwrap(), Some(json!(3)));
+}
+
+/// faucet-core 1.16's compare-and-put, in both protocol modes: written only
+/// while the row still holds `expected` (or, for `None`, while there is no
+/// row), values compared as stored (the U+0000 envelope included).
+#[tokio::test]
+async fn compare_and_put_writes_only_over_the_expected_value() {
+    for prepared in [false, true] {
+        if prepared && support::via_pgbouncer() {
+            continue;
+        }
+        let store = fresh_store("cas").await.with_prepared_statements(prepared);
+        assert!(store.compare_and_put("k", None, &json!(1)).await.unwrap());
+        assert!(!store.compare_and_put("k", None, &json!(2)).await.unwrap());
+        assert!(
+            !store
+                .compare_and_put("k", Some(&json!(2)), &json!(3))
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.get("k").await.unwrap(), Some(json!(1)));
+        assert!(
+            store
+                .compare_and_put("k", Some(&json!(1)), &json!({"a": [1, "x"]}))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .compare_and_put("k", Some(&json!({"a": [1, "x"]})), &json!("nul\u{0}"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .compare_and_put("k", Some(&json!("nul\u{0}")), &json!(4))
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.get("k").await.unwrap(), Some(json!(4)));
+        // A deleted key is absent again.
+        store.delete("k").await.unwrap();
+        assert!(
+            !store
+                .compare_and_put("k", Some(&json!(4)), &json!(5))
+                .await
+                .unwrap()
+        );
+        assert!(store.compare_and_put("k", None, &json!(5)).await.unwrap());
+        assert_eq!(store.get("k").await.unwrap(), Some(json!(5)));
+    }
+}
+
+/// Many writers on two stores (two pools) racing to claim one absent key:
+/// exactly one wins, and the row holds the winner's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_compare_and_puts_on_an_absent_key_have_exactly_one_winner() {
+    let first = fresh_store("cas_race").await;
+    let second = PostgresStateStore::connect_with(&support::database_url(), 5, first.table())
+        .await
+        .unwrap();
+    for round in 0..5 {
+        let key = format!("claim-{round}");
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let store = if i % 2 == 0 {
+                    first.clone()
+                } else {
+                    second.clone()
+                };
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let won = store.compare_and_put(&key, None, &json!(i)).await.unwrap();
+                    (i, won)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for task in tasks {
+            let (i, won) = task.await.unwrap();
+            if won {
+                winners.push(i);
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        assert_eq!(first.get(&key).await.unwrap(), Some(json!(winners[0])));
+    }
+}
+
+/// faucet-core 1.16's atomic batch: every entry or none, a bad key or value
+/// included, and a key given twice keeps its last value.
+#[tokio::test]
+async fn put_batch_writes_every_entry_or_none() {
+    let store = fresh_store("put_batch").await;
+    let batch = vec![
+        ("a".to_owned(), json!(1)),
+        ("b".to_owned(), json!(2)),
+        ("a".to_owned(), json!(3)),
+    ];
+    store.put_batch(&batch).await.unwrap();
+    assert_eq!(
+        store.get_many(&["a", "b"]).await.unwrap(),
+        [Some(json!(3)), Some(json!(2))]
+    );
+    let bad = vec![("c".to_owned(), json!(1)), ("bad key".to_owned(), json!(2))];
+    assert!(store.put_batch(&bad).await.is_err());
+    let deep = (0..200).fold(json!(0), |inner, _| json!([inner]));
+    let too_deep = vec![("c".to_owned(), json!(1)), ("d".to_owned(), deep)];
+    assert!(store.put_batch(&too_deep).await.is_err());
+    assert_eq!(row_count(&store).await, 2);
+}
+
+/// A prefix may hold what a key may hold by the core's rules: `/` (an owner
+/// namespace) from faucet-core 1.16 on; with 1.0 it is no key character,
+/// and such a prefix is refused like any other.
+#[tokio::test]
+async fn list_accepts_every_character_the_core_allows_in_a_key() {
+    let store = fresh_store("list_slash").await;
+    store.put("acme:x", &json!(1)).await.unwrap();
+    let slash_is_a_key_character = faucet_core::state::validate_state_key("a/b").is_ok();
+    match store.list("acme/").await {
+        Ok(keys) => assert!(slash_is_a_key_character && keys.is_empty(), "{keys:?}"),
+        Err(err) => assert!(!slash_is_a_key_character, "{err}"),
+    }
+    assert!(store.list("acme x").await.is_err());
+    assert_eq!(store.list("acme:").await.unwrap(), ["acme:x"]);
 }

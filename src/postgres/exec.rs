@@ -97,6 +97,17 @@ impl Executor {
         result
     }
 
+    /// Runs `query` once, never again on a lost connection: for a statement
+    /// whose answer depends on whether an earlier send of it committed (a
+    /// compare-and-put would report its own write as a conflict). The error
+    /// then says the outcome is unknown (see [`outcome_unknown`]).
+    pub(crate) async fn fetch_once<'q, E>(&self, query: E) -> Result<Vec<PgRow>, sqlx::Error>
+    where
+        E: Execute<'q, Postgres> + Send + 'q,
+    {
+        self.attempt(query).await
+    }
+
     async fn attempt<'q, E>(&self, query: E) -> Result<Vec<PgRow>, sqlx::Error>
     where
         E: Execute<'q, Postgres> + Send + 'q,
@@ -162,6 +173,12 @@ where
     E: Execute<'q, Postgres> + Send + 'q,
 {
     sqlx::Executor::fetch_all(conn, query)
+}
+
+/// The statement may have committed without its answer arriving: the
+/// connection was lost, or the client-side deadline passed.
+pub(crate) fn outcome_unknown(err: &sqlx::Error) -> bool {
+    is_connection_lost(err) || is_deadline(err)
 }
 
 /// The client-side deadline passed: not a lost connection to retry at once.

@@ -21,7 +21,7 @@ use crate::config::{
 };
 use crate::connect::connect_pool;
 use crate::error::{StoreError, describe_sqlx, refuses_rows};
-use crate::exec::{DEFAULT_STATEMENT_TIMEOUT, Executor};
+use crate::exec::{DEFAULT_STATEMENT_TIMEOUT, Executor, outcome_unknown};
 use crate::session::SessionSettings;
 use crate::sql::{Prepared, Statements, timeout_millis};
 use crate::{probe, schema};
@@ -300,6 +300,94 @@ impl PostgresStateStore {
         }
         let (keys, texts): (Vec<&str>, Vec<String>) = latest.into_iter().unzip();
         Ok(self.apply(&keys, &texts, &[]).await?)
+    }
+
+    /// Writes every entry in one statement, all or nothing: nothing is sent
+    /// unless every key and value is valid, and the statement commits every
+    /// row or none. A key given twice keeps its last value. This is
+    /// faucet-core 1.16's `put_batch`, usable with faucet-core 1.0 too.
+    ///
+    /// ```no_run
+    /// # async fn run(store: faucet_state_postgres::PostgresStateStore) -> Result<(), faucet_core::FaucetError> {
+    /// use serde_json::json;
+    /// let entries = vec![("a".to_owned(), json!(1)), ("b".to_owned(), json!(2))];
+    /// store.put_batch(&entries).await?;
+    /// // One bad key: nothing is written.
+    /// let bad = vec![("c".to_owned(), json!(3)), ("no spaces".to_owned(), json!(4))];
+    /// assert!(store.put_batch(&bad).await.is_err());
+    /// # Ok(()) }
+    /// ```
+    pub async fn put_batch(&self, entries: &[(String, Value)]) -> Result<(), FaucetError> {
+        self.put_many(entries).await
+    }
+
+    /// Writes `value` under `key` only while the stored value still equals
+    /// `expected` (`None`: the key has no row), and says whether it wrote.
+    ///
+    /// One statement, atomic against every other writer of the table, other
+    /// processes included: of many callers racing from the same `expected`,
+    /// exactly one gets `true`. Values are compared as JSONB, so the order
+    /// of an object's keys and the spelling of a number (`1`, `1.0`) do not
+    /// matter. This is faucet-core 1.16's `compare_and_put`, usable with
+    /// faucet-core 1.0 too.
+    ///
+    /// Unlike other operations it is not sent again after a lost
+    /// connection (a second send could see this call's own write and answer
+    /// `false`): the error then says the outcome is unknown; read the key
+    /// to find out.
+    ///
+    /// ```no_run
+    /// # async fn run(store: faucet_state_postgres::PostgresStateStore) -> Result<(), faucet_core::FaucetError> {
+    /// use serde_json::json;
+    /// assert!(store.compare_and_put("lease", None, &json!({"owner": "a"})).await?);
+    /// assert!(!store.compare_and_put("lease", None, &json!({"owner": "b"})).await?);
+    /// let current = json!({"owner": "a"});
+    /// assert!(store.compare_and_put("lease", Some(&current), &json!({"owner": "b"})).await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn compare_and_put(
+        &self,
+        key: &str,
+        expected: Option<&Value>,
+        value: &Value,
+    ) -> Result<bool, FaucetError> {
+        validate_state_key(key)?;
+        let text = codec::encode(key, value, self.max_value_bytes)?;
+        // Encoded as a stored value would be (the envelope included), so
+        // that it compares equal to the row a put of it wrote.
+        let expected = expected
+            .map(|expected| codec::encode(key, expected, usize::MAX))
+            .transpose()?;
+        let exec = &self.exec;
+        let sent = match (&self.prepared, expected.as_deref()) {
+            (None, expected) => {
+                let sql = self.sql.compare_and_put(key, expected, &text);
+                exec.fetch_once(sqlx::raw_sql(&sql)).await
+            }
+            (Some(prepared), None) => {
+                let query = sqlx::query(&prepared.insert_if_absent)
+                    .bind(key)
+                    .bind(text.as_str());
+                exec.fetch_once(query).await
+            }
+            (Some(prepared), Some(expected)) => {
+                let query = sqlx::query(&prepared.update_if_equal)
+                    .bind(key)
+                    .bind(expected)
+                    .bind(text.as_str());
+                exec.fetch_once(query).await
+            }
+        };
+        match sent {
+            Ok(rows) => Ok(!rows.is_empty()),
+            Err(e) if outcome_unknown(&e) => Err(FaucetError::State(format!(
+                "compare_and_put of key '{key}' in table '{}': {}; it may or may not have been \
+                 applied: read the key to find out before trying again",
+                self.table(),
+                describe_sqlx(&e)
+            ))),
+            Err(e) => Err(self.query_error("compare_and_put", &e).into()),
+        }
     }
 
     /// Deletes many keys in one statement, atomically. Missing keys are not an

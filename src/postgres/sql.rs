@@ -217,6 +217,35 @@ impl Statements {
         sql
     }
 
+    /// Writes the JSON text `value` under `key` only if the key has no row
+    /// (`expected` is `None`) or its value equals the JSON text `expected`
+    /// (as JSONB). One statement, atomic against every other writer: the
+    /// insert leaves an existing row alone, and the update re-checks its
+    /// condition on the newest row version if another transaction changed
+    /// the row meanwhile. Returns one row if it wrote.
+    pub(crate) fn compare_and_put(&self, key: &str, expected: Option<&str>, value: &str) -> String {
+        let mut sql = self.start(key.len() + value.len() + expected.map_or(0, str::len));
+        match expected {
+            None => {
+                let _ = write!(sql, "INSERT INTO {} (key, value) VALUES (", self.table);
+                push_literal(&mut sql, key);
+                sql.push_str(", ");
+                push_literal(&mut sql, value);
+                sql.push_str("::jsonb) ON CONFLICT (key) DO NOTHING RETURNING 1");
+            }
+            Some(expected) => {
+                let _ = write!(sql, "UPDATE {} SET value = ", self.table);
+                push_literal(&mut sql, value);
+                sql.push_str("::jsonb, updated_at = NOW() WHERE key = ");
+                push_literal(&mut sql, key);
+                sql.push_str(" AND value = ");
+                push_literal(&mut sql, expected);
+                sql.push_str("::jsonb RETURNING 1");
+            }
+        }
+        sql
+    }
+
     /// Keys starting with the literal `prefix`, in byte order. `starts_with`
     /// compares characters, so `_` and `%` in a prefix are not wildcards.
     pub(crate) fn list(&self, prefix: &str) -> String {
@@ -265,6 +294,11 @@ pub(crate) struct Prepared {
     pub delete_many: String,
     /// `$1` keys, `$2` JSON texts, `$3` keys to delete (disjoint).
     pub write: String,
+    /// `$1` key, `$2` JSON text; a row if the key had none and was written.
+    pub insert_if_absent: String,
+    /// `$1` key, `$2` expected JSON text, `$3` new JSON text; a row if the
+    /// value equalled the expected one and was replaced.
+    pub update_if_equal: String,
 }
 
 const ON_CONFLICT: &str =
@@ -285,6 +319,14 @@ impl Prepared {
                 "WITH deleted AS (DELETE FROM {t} WHERE key = ANY($3::text[])) {upsert_many}"
             ),
             delete_many: format!("DELETE FROM {t} WHERE key = ANY($1::text[])"),
+            insert_if_absent: format!(
+                "INSERT INTO {t} (key, value) VALUES ($1, $2::jsonb) \
+                 ON CONFLICT (key) DO NOTHING RETURNING 1"
+            ),
+            update_if_equal: format!(
+                "UPDATE {t} SET value = $3::jsonb, updated_at = NOW() \
+                 WHERE key = $1 AND value = $2::jsonb RETURNING 1"
+            ),
             upsert_many,
         }
     }
