@@ -489,6 +489,48 @@ async fn the_first_write_after_every_pooled_connection_was_cut_succeeds() {
     );
 }
 
+/// A compare-and-put whose connection is cut while it waits for its answer
+/// is not sent again (a second send could find its own write and answer
+/// "not written"): its error says the outcome is unknown. Here the proxy
+/// had swallowed the statement, so the key is still absent and the next
+/// claim wins. A resend would have succeeded: the proxy forwards again as
+/// soon as the cut is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compare_and_put_cut_in_flight_is_not_sent_again() {
+    let url = support::database_url();
+    let proxy = Arc::new(FaultProxy::start(fault_support::port_of(&url)).await);
+    let proxied_url = fault_support::with_port(&url, proxy.port());
+    let table = support::unique_table("cas_cut");
+    plain_table(&url, &table).await;
+    let store = plain_table(&proxied_url, &table).await;
+    store.get("warm-up").await.unwrap();
+    proxy.stall(true);
+    let claim = tokio::spawn({
+        let store = store.clone();
+        async move { store.compare_and_put("claim", None, &json!("first")).await }
+    });
+    // Long enough for the statement to reach the proxy and be swallowed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut_all();
+    proxy.stall(false);
+    let err = claim.await.unwrap().unwrap_err().to_string();
+    assert!(
+        err.contains("'claim'") && err.contains("may or may not have been applied"),
+        "{err}"
+    );
+    assert_eq!(store.get("claim").await.unwrap(), None);
+    assert!(
+        store
+            .compare_and_put("claim", None, &json!("second"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.get("claim").await.unwrap(), Some(json!("second")));
+    report(
+        "cas-cut: a compare_and_put cut in flight reported an unknown outcome and was not resent; the next claim won",
+    );
+}
+
 // ── Cancelled calls ───────────────────────────────────────────────────────
 
 /// Puts, reads and flushes are dropped at random points (a timeout of 0 to
