@@ -80,6 +80,10 @@ impl StateBackend for Discard {
         Ok(())
     }
 
+    async fn list_keys(&self, _prefix: &str) -> Result<Vec<String>, FaucetError> {
+        Ok(Vec::new())
+    }
+
     async fn check(&self, _ctx: &CheckContext) -> Result<CheckReport, FaucetError> {
         Ok(CheckReport::single(Probe::pass("discard", Duration::ZERO)))
     }

@@ -778,3 +778,28 @@ async fn flush_waits_for_a_round_in_flight_even_when_later_rounds_commit_first()
     assert_eq!(backend.rows().get("slow"), Some(&json!(1)));
     store.shutdown().await.unwrap();
 }
+
+/// `list` merges the backend's keys with the store's pending writes, and a
+/// backend that cannot answer makes it fail rather than guess.
+#[tokio::test]
+async fn list_merges_stored_keys_with_pending_writes() {
+    let (backend, store) = store_with(write_behind());
+    backend.insert_row("a::stored", json!(1));
+    backend.insert_row("a::deleted", json!(2));
+    backend.insert_row("b::other", json!(3));
+    store.put("a::new", &json!(4)).await.unwrap();
+    store.delete("a::deleted").await.unwrap();
+    store.delete("a::never-stored").await.unwrap();
+    assert_eq!(store.list("a::").await.unwrap(), ["a::new", "a::stored"]);
+    store.flush().await.unwrap();
+    assert_eq!(store.list("a::").await.unwrap(), ["a::new", "a::stored"]);
+    assert_eq!(
+        store.list("").await.unwrap(),
+        ["a::new", "a::stored", "b::other"]
+    );
+    backend.set_unavailable(true);
+    assert!(store.list("a::").await.is_err());
+    backend.set_unavailable(false);
+    assert!(store.list("bad prefix").await.is_err());
+    store.shutdown().await.unwrap();
+}

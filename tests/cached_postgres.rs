@@ -354,3 +354,39 @@ async fn tables_are_shared_between_the_cached_and_the_plain_store() {
         Some(json!({"nul": "\u{0}"}))
     );
 }
+
+/// `list` sees the store's own writes in every mode: pending puts are
+/// listed, pending deletes are not, and once flushed the table agrees.
+#[tokio::test]
+async fn list_includes_pending_puts_and_excludes_pending_deletes_in_every_mode() {
+    let url = support::database_url();
+    for mode in [
+        Durability::WriteThrough,
+        Durability::GroupCommit,
+        Durability::WriteBehind,
+    ] {
+        let options = CacheOptions::new().durability(mode).flush_interval(NEVER);
+        let store = cached_on(&url, "list_pending", options).await;
+        for key in ["p::a", "p::b", "q::a"] {
+            store.put(key, &json!(key)).await.unwrap();
+        }
+        store.flush().await.unwrap();
+        store.put("p::c", &json!(3)).await.unwrap();
+        store.delete("p::a").await.unwrap();
+        let expected = ["p::b", "p::c"];
+        assert_eq!(store.list("p::").await.unwrap(), expected, "{mode:?}");
+        assert!(store.list("p x").await.is_err(), "{mode:?}");
+        store.flush().await.unwrap();
+        assert_eq!(
+            store.backend().list("p::").await.unwrap(),
+            expected,
+            "{mode:?}"
+        );
+        assert_eq!(
+            store.list("").await.unwrap(),
+            ["p::b", "p::c", "q::a"],
+            "{mode:?}"
+        );
+        store.shutdown().await.unwrap();
+    }
+}

@@ -58,6 +58,11 @@ pub trait StateBackend: Send + Sync + 'static {
         deletes: &[&str],
     ) -> Result<(), BatchError>;
 
+    /// Every stored key that starts with `prefix`, in byte order. The
+    /// prefix is literal and may hold what a key may hold; the empty prefix
+    /// lists every key.
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, FaucetError>;
+
     /// The `faucet doctor` probe of the storage.
     async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError>;
 }
@@ -139,6 +144,10 @@ impl StateBackend for PostgresStateStore {
                 BatchError::Transient(e.into())
             }
         })
+    }
+
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, FaucetError> {
+        self.list(prefix).await
     }
 
     async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError> {

@@ -453,6 +453,19 @@ impl Cache {
         }
     }
 
+    /// The dirty keys starting with `prefix`, each with whether its pending
+    /// write is a put (`true`) or a delete. Dirty slots are never evicted
+    /// (invariant 1), so this is every write not yet known to be persisted.
+    pub(crate) fn dirty_under(&self, prefix: &str) -> Vec<(Key, bool)> {
+        self.slots
+            .iter()
+            .filter(|slot| {
+                matches!(slot.state, SlotState::Dirty { .. }) && slot.key().starts_with(prefix)
+            })
+            .map(|slot| (slot.key().clone(), slot.value.is_some()))
+            .collect()
+    }
+
     /// Every write the server refused that no newer write has replaced, in
     /// key order.
     pub(crate) fn refused_writes(&self) -> Vec<RefusedKey> {

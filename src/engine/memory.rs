@@ -13,7 +13,7 @@ use tokio::sync::{OwnedRwLockWriteGuard, RwLock, watch};
 
 use crate::backend::{BatchError, StateBackend};
 use crate::codec;
-use crate::config::DEFAULT_MAX_VALUE_BYTES;
+use crate::config::{DEFAULT_MAX_VALUE_BYTES, validate_prefix};
 use crate::lock::lock;
 
 /// A [`StateBackend`] that keeps rows in a map, for tests.
@@ -344,6 +344,20 @@ impl StateBackend for MemoryBackend {
         lock(&self.committed).push((upserts.len() + deletes.len(), bytes));
         let _acknowledge = self.ack_gate.read().await;
         Ok(())
+    }
+
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, FaucetError> {
+        validate_prefix(prefix)?;
+        if lock(&self.faults).unavailable {
+            return Err(unavailable().into_error());
+        }
+        let mut keys: Vec<String> = lock(&self.rows)
+            .keys()
+            .filter(|key| key.starts_with(prefix))
+            .cloned()
+            .collect();
+        keys.sort_unstable();
+        Ok(keys)
     }
 
     async fn check(&self, _ctx: &CheckContext) -> Result<CheckReport, FaucetError> {
