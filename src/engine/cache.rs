@@ -109,10 +109,7 @@ impl DirtyQueue {
     /// Since when the oldest write not yet persisted, queued or in flight,
     /// has waited.
     fn oldest(&self) -> Option<Instant> {
-        match (self.waiting_since, self.in_flight_since) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        earliest(self.waiting_since, self.in_flight_since)
     }
 
     fn push(&mut self, key: Key) {
@@ -120,6 +117,14 @@ impl DirtyQueue {
             self.waiting_since = Some(Instant::now());
         }
         self.keys.push(key);
+    }
+}
+
+/// The earlier of two optional instants; `None` only when both are.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -360,10 +365,7 @@ impl Cache {
         let mut queue = lock(&self.queue);
         queue.rounds_started += 1;
         let since = queue.waiting_since.take();
-        queue.in_flight_since = match (queue.in_flight_since, since) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        queue.in_flight_since = earliest(queue.in_flight_since, since);
         TakenRound {
             number: queue.rounds_started,
             keys: std::mem::take(&mut queue.keys),

@@ -51,17 +51,20 @@ use crate::stats::Counters;
 pub(crate) struct Progress {
     /// Every round up to this one has ended, successfully or not.
     pub ended: u64,
-    /// The newest ended round in which every batch committed.
-    pub succeeded: u64,
-    /// The newest ended round that did not commit everything it took.
+    /// The newest ended round that did not commit everything it took (0:
+    /// none has failed).
     pub last_failed: u64,
     /// Why the newest failed round failed.
     pub last_error: Option<Arc<str>>,
-    /// Batches that have ended so far; each one may have made writes
-    /// durable, or refused them.
-    pub batches_done: u64,
     /// The flusher has exited (shutdown, or the store was dropped).
     pub stopped: bool,
+}
+
+impl Progress {
+    /// The newest round that ended did not commit everything it took.
+    pub(crate) fn newest_round_failed(&self) -> bool {
+        self.last_failed != 0 && self.last_failed == self.ended
+    }
 }
 
 /// State shared by the store's handle and its flusher task.
@@ -329,9 +332,11 @@ impl<'a, B: StateBackend> Flusher<'a, B> {
 
     fn batch_done(&mut self, round: u64, batch: Batch, result: Result<(), BatchError>) {
         let engine = self.engine;
-        let Some(index) = self.rounds.iter().position(|r| r.number == round) else {
-            return;
-        };
+        let index = self
+            .rounds
+            .iter()
+            .position(|r| r.number == round)
+            .expect("a round is published only once none of its batches is in flight");
         self.rounds[index].in_flight -= 1;
         match result {
             Ok(()) => {}
@@ -339,23 +344,18 @@ impl<'a, B: StateBackend> Flusher<'a, B> {
                 tracing::debug!(%error, keys = batch.len(), "faucet-state-postgres: a batch was refused; splitting it");
                 let mut left = batch;
                 let right = left.split_off(left.len() / 2);
-                if self.resume_at.is_some() {
-                    // Backing off: nothing starts, so the halves wait in the
-                    // queue (invariant 2 of the cache).
-                    engine
-                        .cache
-                        .requeue(left.into_iter().chain(right).map(|(key, _)| key));
-                } else {
-                    let pending = &mut self.rounds[index].pending;
-                    pending.push(right);
-                    pending.push(left);
-                }
+                // The halves stay in their round, which ends only once they
+                // are written (after the backoff, if one began meanwhile).
+                let pending = &mut self.rounds[index].pending;
+                pending.push(right);
+                pending.push(left);
             }
             Err(BatchError::Refused(error)) => park(engine, batch, &error),
             Err(BatchError::Transient(error)) => self.failed(index, batch, &error),
         }
-        // Waiters for single writes check their keys after every batch.
-        engine.progress.send_modify(|p| p.batches_done += 1);
+        // Waiters for single writes check their keys after every batch:
+        // `send_modify` wakes them even though nothing in `Progress` moved.
+        engine.progress.send_modify(|_| {});
     }
 
     /// A transient failure: that batch and every batch not yet started go
@@ -413,12 +413,9 @@ impl<'a, B: StateBackend> Flusher<'a, B> {
             }
             engine.progress.send_modify(|p| {
                 p.ended = round.number;
-                match round.error {
-                    None => p.succeeded = round.number,
-                    Some(error) => {
-                        p.last_failed = round.number;
-                        p.last_error = Some(error);
-                    }
+                if let Some(error) = round.error {
+                    p.last_failed = round.number;
+                    p.last_error = Some(error);
                 }
             });
         }

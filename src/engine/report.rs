@@ -69,7 +69,7 @@ pub(crate) fn full_error<B: StateBackend>(engine: &Engine<B>, key: &str) -> Fauc
     let progress = engine.progress.borrow().clone();
     let cause = if progress.stopped {
         "the flusher has stopped".to_owned()
-    } else if progress.succeeded < progress.ended {
+    } else if progress.newest_round_failed() {
         format!(
             "the flusher is failing: its last batch failed with: {}; it retries with backoff",
             progress.last_error.as_deref().unwrap_or("unknown error")
@@ -121,7 +121,7 @@ pub(crate) fn flusher_probe<B: StateBackend>(engine: &Engine<B>) -> Probe {
             format!("the flusher is not running; {backlog}"),
             "the store was shut down or dropped; build a new store",
         )
-    } else if progress.succeeded < progress.ended {
+    } else if progress.newest_round_failed() {
         Probe::fail_hint(
             "flusher",
             Duration::ZERO,
