@@ -334,7 +334,9 @@ impl PostgresStateStore {
     /// Unlike other operations it is not sent again after a lost
     /// connection (a second send could see this call's own write and answer
     /// `false`): the error then says the outcome is unknown; read the key
-    /// to find out.
+    /// to find out. The same holds when the future is dropped once the
+    /// statement was sent: it may or may not have been applied, and the
+    /// connection is closed rather than reused.
     ///
     /// ```no_run
     /// # async fn run(store: faucet_state_postgres::PostgresStateStore) -> Result<(), faucet_core::FaucetError> {
