@@ -80,6 +80,15 @@ impl StateBackend for Discard {
         Ok(())
     }
 
+    async fn compare_and_put(
+        &self,
+        _key: &str,
+        _expected: Option<&Value>,
+        _stored: &str,
+    ) -> Result<bool, FaucetError> {
+        Ok(true)
+    }
+
     async fn list_keys(&self, _prefix: &str) -> Result<Vec<String>, FaucetError> {
         Ok(Vec::new())
     }

@@ -1,6 +1,6 @@
 //! The storage a [`CachedStateStore`](crate::CachedStateStore) persists to.
 //!
-//! The write-behind engine needs only four things of its storage, and this
+//! The write-behind engine needs only a few things of its storage, and this
 //! trait names exactly those, the way `object_store` layers its wrappers over
 //! any store. [`PostgresStateStore`] implements it for production;
 //! [`MemoryBackend`](crate::MemoryBackend) implements it in memory, with
@@ -57,6 +57,18 @@ pub trait StateBackend: Send + Sync + 'static {
         upserts: &[(&str, &str)],
         deletes: &[&str],
     ) -> Result<(), BatchError>;
+
+    /// Writes `stored` (text from [`encode`](Self::encode)) under `key` only
+    /// while the stored value equals `expected` (`None`: the key has no
+    /// value), atomically against every other writer of the storage, and
+    /// says whether it wrote. Sent once, never retried: after an error it
+    /// may or may not have been applied.
+    async fn compare_and_put(
+        &self,
+        key: &str,
+        expected: Option<&Value>,
+        stored: &str,
+    ) -> Result<bool, FaucetError>;
 
     /// Every stored key that starts with `prefix`, in byte order. The
     /// prefix is literal and may hold what a key may hold; the empty prefix
@@ -144,6 +156,16 @@ impl StateBackend for PostgresStateStore {
                 BatchError::Transient(e.into())
             }
         })
+    }
+
+    async fn compare_and_put(
+        &self,
+        key: &str,
+        expected: Option<&Value>,
+        stored: &str,
+    ) -> Result<bool, FaucetError> {
+        validate_state_key(key)?;
+        self.compare_and_put_text(key, expected, stored).await
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, FaucetError> {

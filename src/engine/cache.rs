@@ -36,6 +36,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::Semaphore;
 
+use crate::holds::Holds;
 use crate::lock::lock;
 use crate::stats::Counters;
 
@@ -142,9 +143,15 @@ pub(crate) struct FillTicket {
     stamp: u64,
 }
 
-/// The cache could not take a new dirty key within the put timeout.
-#[derive(Debug)]
-pub(crate) struct Full;
+/// Why [`Cache::stage`] did not take a write.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum StageError {
+    /// No room for a new dirty key within the put timeout.
+    Full,
+    /// A `compare_and_put` or `put_batch` holds the key (see `holds.rs`):
+    /// wait for it, then stage again.
+    Held,
+}
 
 /// Where one write (a key and the version `stage` gave it) stands.
 pub(crate) enum WriteStatus {
@@ -207,6 +214,8 @@ pub(crate) struct Cache {
     /// One permit per dirty key that may still be added (`max_pending`).
     room: Semaphore,
     capacity: usize,
+    /// Keys no write may be staged for (see `holds.rs`).
+    holds: Holds,
 }
 
 impl Cache {
@@ -222,6 +231,7 @@ impl Cache {
             next_version: AtomicU64::new(1),
             room: Semaphore::new(max_pending.min(Semaphore::MAX_PERMITS)),
             capacity,
+            holds: Holds::default(),
         }
     }
 
@@ -288,16 +298,20 @@ impl Cache {
     }
 
     /// Records a write (a value's stored text, or `None` for a delete) as
-    /// dirty. Waits up to `wait` for room when `max_pending` keys are dirty.
+    /// dirty. Waits up to `wait` for room when `max_pending` keys are dirty;
+    /// refuses a held key at once.
     pub(crate) async fn stage(
         &self,
         key: &str,
         value: Option<Stored>,
         wait: Duration,
-    ) -> Result<Staged, Full> {
+    ) -> Result<Staged, StageError> {
         if let Some(mut slot) = self.slots.get_mut(key)
             && matches!(slot.state, SlotState::Dirty { .. })
         {
+            if self.holds.is_held(key) {
+                return Err(StageError::Held);
+            }
             let version = self.next_stamp();
             slot.value = value;
             slot.state = SlotState::Dirty { version };
@@ -319,11 +333,12 @@ impl Cache {
             Err(_) => match tokio::time::timeout(wait, self.room.acquire()).await {
                 Ok(Ok(permit)) => permit,
                 // The semaphore is never closed; a timeout means no room.
-                _ => return Err(Full),
+                _ => return Err(StageError::Full),
             },
         };
         let version = self.next_stamp();
-        let (key, previous) = self.replace_slot(key, value, SlotState::Dirty { version });
+        // Refused here, under the slot's lock, the permit goes back unused.
+        let (key, previous) = self.replace_slot(key, value, SlotState::Dirty { version }, false)?;
         if matches!(previous, Some(SlotState::Clean { .. })) {
             self.clean_count.fetch_sub(1, Ordering::SeqCst);
         }
@@ -542,10 +557,16 @@ impl Cache {
         queue.keys.extend(keys);
     }
 
-    /// Write-through: the backend committed `value` for `key`.
+    /// The backend committed `value` for `key` outside the flusher (a
+    /// write-through write, or a held key's `compare_and_put`/`put_batch`).
+    /// The key has no dirty write: write-through stages none, and a holder
+    /// made its pending write durable first.
     pub(crate) fn store_clean(&self, key: &str, value: Option<Stored>, counters: &Counters) {
         let stamp = self.next_stamp();
-        let (key, previous) = self.replace_slot(key, value, SlotState::Clean { stamp });
+        let Ok((key, previous)) = self.replace_slot(key, value, SlotState::Clean { stamp }, true)
+        else {
+            unreachable!("a holder's write is never refused for its own hold");
+        };
         debug_assert!(!matches!(previous, Some(SlotState::Dirty { .. })));
         let newly_cached = previous.is_none();
         if newly_cached {
@@ -560,22 +581,33 @@ impl Cache {
     /// slot is evicted right after it is released). Returns the slot's key
     /// (shared, so that the queues hold no copy of it) and previous state.
     /// A refused write it replaces is handled as in `stage` (invariant 5).
+    /// Unless `holder` (the caller holds the key), a held key is refused
+    /// under the slot's lock (see `holds.rs`).
     fn replace_slot(
         &self,
         key: &str,
         value: Option<Stored>,
         state: SlotState,
-    ) -> (Key, Option<SlotState>) {
+        holder: bool,
+    ) -> Result<(Key, Option<SlotState>), StageError> {
+        let held = |key: &str| !holder && self.holds.is_held(key);
         if let Some(mut slot) = self.slots.get_mut(key) {
+            if held(key) {
+                return Err(StageError::Held);
+            }
             let previous = slot.state;
             slot.value = value;
             slot.state = state;
             let key = slot.key().clone();
             self.replace_refused(&key, &mut slot.refused);
             self.bump_stripe(&key);
-            return (key, Some(previous));
+            return Ok((key, Some(previous)));
         }
-        match self.slots.entry(Key::from(key)) {
+        let entry = self.slots.entry(Key::from(key));
+        if held(key) {
+            return Err(StageError::Held);
+        }
+        match entry {
             // Created by another write since the lookup above.
             Entry::Occupied(mut occupied) => {
                 let key = occupied.key().clone();
@@ -585,7 +617,7 @@ impl Cache {
                 slot.state = state;
                 self.replace_refused(&key, &mut slot.refused);
                 self.bump_stripe(&key);
-                (key, Some(previous))
+                Ok((key, Some(previous)))
             }
             Entry::Vacant(vacant) => {
                 let key = vacant.key().clone();
@@ -601,13 +633,29 @@ impl Cache {
                     persisted,
                 });
                 self.bump_stripe(&key);
-                (key, None)
+                Ok((key, None))
             }
         }
     }
 
-    /// Write-through: a write failed and may or may not have committed, so
-    /// the cached value can no longer be trusted.
+    /// Holds `key` against writes until [`release`](Self::release) (see
+    /// `holds.rs`). Returns the key's pending write, if it has one: with the
+    /// hold in place, it is the newest write this store will make of the
+    /// key until the release.
+    pub(crate) fn hold(&self, key: &str) -> Option<DirtyEntry> {
+        self.holds.hold(Key::from(key));
+        // Taken after the hold: a write that did not see the hold has
+        // finished with the slot before this look.
+        self.dirty_entry(key)
+    }
+
+    pub(crate) fn release(&self, key: &str) {
+        self.holds.release(key);
+    }
+
+    /// A write failed and may or may not have committed (write-through, or
+    /// a held key's `compare_and_put`/`put_batch`), or the table disagreed
+    /// with the cache: the cached value can no longer be trusted.
     pub(crate) fn invalidate(&self, key: &str) {
         // Stamp first, so that a read begun before this point cannot cache
         // what it read once the slot is gone.

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::PostgresStateStore;
 use crate::backend::{BatchError, StateBackend};
-use crate::cache::{Cache, Lookup, STRIPES, Stored};
+use crate::cache::{Cache, Lookup, STRIPES, StageError, Stored};
 use crate::config::{CacheOptions, Durability};
 use crate::flusher::{self, Engine, RoundOutcome, WriteOutcome, deadline_after};
 use crate::lock::lock;
@@ -67,16 +67,17 @@ const ABORT_GRACE: Duration = Duration::from_millis(100);
 /// # Ok(()) }
 /// ```
 pub struct CachedStateStore<B: StateBackend = PostgresStateStore> {
-    engine: Arc<Engine<B>>,
+    pub(super) engine: Arc<Engine<B>>,
     flusher: Mutex<Option<JoinHandle<()>>>,
     /// Set by `shutdown`: later writes are refused.
     closed: AtomicBool,
     /// Writes between their `closed` check and the end of staging; shutdown
     /// waits for them, so no accepted write lands after the final flush.
     writers: AtomicUsize,
-    /// Write-through: writes of one key (stripe) commit and update the cache
-    /// in the same order.
-    write_through_locks: Box<[tokio::sync::Mutex<()>]>,
+    /// Per stripe of keys: write-through writes of one key commit and update
+    /// the cache in the same order, and `compare_and_put`/`put_batch` hold
+    /// their keys under them (see `atomic.rs`).
+    pub(super) write_through_locks: Box<[tokio::sync::Mutex<()>]>,
 }
 
 impl<B: StateBackend> CachedStateStore<B> {
@@ -311,7 +312,7 @@ impl<B: StateBackend> CachedStateStore<B> {
 
     /// Admits one write, unless the store is shut down. The guard keeps
     /// shutdown waiting until the write is staged.
-    fn enter(&self, key: &str) -> Result<WriterGuard<'_>, FaucetError> {
+    pub(super) fn enter(&self, key: &str) -> Result<WriterGuard<'_>, FaucetError> {
         self.writers.fetch_add(1, Ordering::SeqCst);
         let guard = WriterGuard(&self.writers);
         if self.closed.load(Ordering::SeqCst) {
@@ -357,18 +358,25 @@ impl<B: StateBackend> CachedStateStore<B> {
         // woken onto that thread would never run. Spending the task's
         // cooperative budget makes such a writer yield now and then.
         tokio::task::consume_budget().await;
-        // Group commit: only rounds started after this point can carry the
-        // write (see `Engine::wait_for_write`).
-        let rounds_before = match durability {
-            Durability::GroupCommit => self.engine.cache.rounds_started(),
-            _ => 0,
+        let (staged, rounds_before) = loop {
+            // Group commit: only rounds started after this point can carry
+            // the write (see `Engine::wait_for_write`).
+            let rounds_before = match durability {
+                Durability::GroupCommit => self.engine.cache.rounds_started(),
+                _ => 0,
+            };
+            let put_timeout = self.engine.options.get_put_timeout();
+            match self
+                .engine
+                .cache
+                .stage(key, stored.clone(), put_timeout)
+                .await
+            {
+                Ok(staged) => break (staged, rounds_before),
+                Err(StageError::Full) => return Err(report::full_error(&self.engine, key)),
+                Err(StageError::Held) => self.wait_for_holder(key).await?,
+            }
         };
-        let staged = self
-            .engine
-            .cache
-            .stage(key, stored, self.engine.options.get_put_timeout())
-            .await
-            .map_err(|_| report::full_error(&self.engine, key))?;
         // Checked again once staged: a flusher that died before this write
         // was staged will never persist it, so it must not be acknowledged.
         self.refuse_if_flusher_died(key)?;
@@ -412,7 +420,7 @@ impl<B: StateBackend> CachedStateStore<B> {
         }
     }
 
-    async fn within_write_timeout<T>(
+    pub(super) async fn within_write_timeout<T>(
         &self,
         wait: impl std::future::Future<Output = T>,
     ) -> Result<T, tokio::time::error::Elapsed> {
@@ -421,6 +429,25 @@ impl<B: StateBackend> CachedStateStore<B> {
             wait,
         )
         .await
+    }
+
+    /// A `compare_and_put` or `put_batch` of this store holds `key`: it
+    /// releases the key before the stripe's mutex, so once the mutex is ours
+    /// the hold is gone (see `holds.rs`).
+    async fn wait_for_holder(&self, key: &str) -> Result<(), FaucetError> {
+        let stripe = self.engine.cache.stripe_of(key);
+        match self
+            .within_write_timeout(self.write_through_locks[stripe].lock())
+            .await
+        {
+            Ok(_released) => Ok(()),
+            Err(_) => Err(FaucetError::State(format!(
+                "the write of key '{key}' was refused: a compare_and_put or put_batch of this \
+                 store held the key for longer than write_timeout ({:?}); nothing was written; \
+                 retry it",
+                self.engine.options.get_write_timeout()
+            ))),
+        }
     }
 
     /// Only a panic ends the flusher before shutdown; accepting more writes
@@ -515,7 +542,7 @@ impl Drop for InvalidateOnDrop<'_> {
     }
 }
 
-struct WriterGuard<'a>(&'a AtomicUsize);
+pub(super) struct WriterGuard<'a>(&'a AtomicUsize);
 
 impl Drop for WriterGuard<'_> {
     fn drop(&mut self) {
@@ -563,6 +590,45 @@ impl<B: StateBackend> StateStore for CachedStateStore<B> {
         let mut report = self.engine.backend.check(ctx).await?;
         report.probes.push(report::flusher_probe(&self.engine));
         Ok(report)
+    }
+
+    #[cfg(feature = "faucet-core-1-16")]
+    fn supports_list(&self) -> bool {
+        true
+    }
+
+    /// [`CachedStateStore::list`]: pending puts included, pending deletes
+    /// excluded.
+    #[cfg(feature = "faucet-core-1-16")]
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, FaucetError> {
+        CachedStateStore::list(self, prefix).await
+    }
+
+    #[cfg(feature = "faucet-core-1-16")]
+    fn supports_compare_and_put(&self) -> bool {
+        true
+    }
+
+    /// [`CachedStateStore::compare_and_put`]: decided by the table.
+    #[cfg(feature = "faucet-core-1-16")]
+    async fn compare_and_put(
+        &self,
+        key: &str,
+        expected: Option<&Value>,
+        value: &Value,
+    ) -> Result<bool, FaucetError> {
+        CachedStateStore::compare_and_put(self, key, expected, value).await
+    }
+
+    #[cfg(feature = "faucet-core-1-16")]
+    fn supports_atomic_batch(&self) -> bool {
+        true
+    }
+
+    /// [`CachedStateStore::put_batch`]: one statement, all or nothing.
+    #[cfg(feature = "faucet-core-1-16")]
+    async fn put_batch(&self, entries: &[(String, Value)]) -> Result<(), FaucetError> {
+        CachedStateStore::put_batch(self, entries).await
     }
 }
 

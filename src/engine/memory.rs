@@ -140,7 +140,8 @@ impl MemoryBackend {
     }
 
     /// Holds every batch write in flight, after it has counted as an attempt
-    /// and before it commits, until the returned guard is dropped.
+    /// and before it commits, until the returned guard is dropped; every
+    /// `compare_and_put` too, before it compares.
     pub async fn pause_writes(&self) -> Pause {
         Pause {
             _guard: self.gate.clone().write_owned().await,
@@ -198,14 +199,16 @@ impl MemoryBackend {
         let _ = loads.wait_for(|&seen| seen >= n).await;
     }
 
-    /// Waits until at least `n` batch writes have been attempted in total.
+    /// Waits until at least `n` writes (batches and `compare_and_put`s) have
+    /// been attempted in total.
     pub async fn wait_for_write_attempts(&self, n: u64) {
         let mut attempts = self.attempts.subscribe();
         // The sender lives in `self`, so the channel cannot close here.
         let _ = attempts.wait_for(|&seen| seen >= n).await;
     }
 
-    /// Batch writes attempted so far, failed ones included.
+    /// Writes (batches and `compare_and_put`s) attempted so far, failed ones
+    /// included.
     pub fn write_attempts(&self) -> u64 {
         *self.attempts.borrow()
     }
@@ -344,6 +347,28 @@ impl StateBackend for MemoryBackend {
         lock(&self.committed).push((upserts.len() + deletes.len(), bytes));
         let _acknowledge = self.ack_gate.read().await;
         Ok(())
+    }
+
+    async fn compare_and_put(
+        &self,
+        key: &str,
+        expected: Option<&Value>,
+        stored: &str,
+    ) -> Result<bool, FaucetError> {
+        validate_state_key(key)?;
+        self.attempts.send_modify(|n| *n += 1);
+        // Held by `pause_writes` like a batch: a test can keep it in flight.
+        let _open = self.gate.read().await;
+        if lock(&self.faults).unavailable {
+            return Err(unavailable().into_error());
+        }
+        let value = codec::decode_text(key, "memory", stored)?;
+        let mut rows = lock(&self.rows);
+        if rows.get(key) != expected {
+            return Ok(false);
+        }
+        rows.insert(key.to_owned(), value);
+        Ok(true)
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, FaucetError> {

@@ -355,6 +355,17 @@ impl PostgresStateStore {
     ) -> Result<bool, FaucetError> {
         validate_state_key(key)?;
         let text = codec::encode(key, value, self.max_value_bytes)?;
+        self.compare_and_put_text(key, expected, &text).await
+    }
+
+    /// [`compare_and_put`](Self::compare_and_put) of a value already encoded
+    /// for storage (the cached store encodes once, at the call).
+    pub(crate) async fn compare_and_put_text(
+        &self,
+        key: &str,
+        expected: Option<&Value>,
+        text: &str,
+    ) -> Result<bool, FaucetError> {
         // Encoded as a stored value would be (the envelope included), so
         // that it compares equal to the row a put of it wrote.
         let expected = expected
@@ -363,20 +374,18 @@ impl PostgresStateStore {
         let exec = &self.exec;
         let sent = match (&self.prepared, expected.as_deref()) {
             (None, expected) => {
-                let sql = self.sql.compare_and_put(key, expected, &text);
+                let sql = self.sql.compare_and_put(key, expected, text);
                 exec.fetch_once(sqlx::raw_sql(&sql)).await
             }
             (Some(prepared), None) => {
-                let query = sqlx::query(&prepared.insert_if_absent)
-                    .bind(key)
-                    .bind(text.as_str());
+                let query = sqlx::query(&prepared.insert_if_absent).bind(key).bind(text);
                 exec.fetch_once(query).await
             }
             (Some(prepared), Some(expected)) => {
                 let query = sqlx::query(&prepared.update_if_equal)
                     .bind(key)
                     .bind(expected)
-                    .bind(text.as_str());
+                    .bind(text);
                 exec.fetch_once(query).await
             }
         };
@@ -580,6 +589,44 @@ impl StateStore for PostgresStateStore {
     /// the probe is interrupted). A failing probe carries a hint.
     async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError> {
         Ok(probe::run(&self.exec, &self.table, &self.sql, ctx).await)
+    }
+
+    #[cfg(feature = "faucet-core-1-16")]
+    fn supports_list(&self) -> bool {
+        true
+    }
+
+    /// [`PostgresStateStore::list`].
+    #[cfg(feature = "faucet-core-1-16")]
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, FaucetError> {
+        PostgresStateStore::list(self, prefix).await
+    }
+
+    #[cfg(feature = "faucet-core-1-16")]
+    fn supports_compare_and_put(&self) -> bool {
+        true
+    }
+
+    /// [`PostgresStateStore::compare_and_put`]: one conditional statement.
+    #[cfg(feature = "faucet-core-1-16")]
+    async fn compare_and_put(
+        &self,
+        key: &str,
+        expected: Option<&Value>,
+        value: &Value,
+    ) -> Result<bool, FaucetError> {
+        PostgresStateStore::compare_and_put(self, key, expected, value).await
+    }
+
+    #[cfg(feature = "faucet-core-1-16")]
+    fn supports_atomic_batch(&self) -> bool {
+        true
+    }
+
+    /// [`PostgresStateStore::put_batch`]: one statement, all or nothing.
+    #[cfg(feature = "faucet-core-1-16")]
+    async fn put_batch(&self, entries: &[(String, Value)]) -> Result<(), FaucetError> {
+        PostgresStateStore::put_batch(self, entries).await
     }
 }
 

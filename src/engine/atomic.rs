@@ -1,0 +1,312 @@
+//! The cached store's operations that the table decides: `compare_and_put`
+//! and `put_batch` (faucet-core 1.16's, inherent here so that faucet-core
+//! 1.0 users have them too).
+//!
+//! Neither is ever decided from the cache. Each one, in every mode:
+//!
+//! 1. takes the store's async mutex of every stripe its keys fall in, in
+//!    stripe order (write-through writes and other such operations of those
+//!    stripes wait; no two of them deadlock), and *holds* its keys, so that
+//!    no put or delete of them is staged until it ends (`holds.rs`);
+//! 2. makes this store's pending writes of those keys durable (a flush), so
+//!    that the table holds what this store last wrote: a `compare_and_put`
+//!    compares against it, and no older buffered write is left to overwrite
+//!    the result later;
+//! 3. sends one statement, atomic against every writer of the table;
+//! 4. caches what it wrote as clean, or, when the table disagreed or the
+//!    outcome is unknown, drops the cached entries so the next read goes to
+//!    the table; then releases the keys.
+//!
+//! A dropped call releases its keys and drops their cached entries (a
+//! statement in flight may or may not have been applied), and leaves any
+//! pending write it was waiting for with the flusher, like any other.
+
+use std::collections::BTreeMap;
+
+use faucet_core::FaucetError;
+use serde_json::Value;
+use tokio::sync::MutexGuard;
+
+use crate::backend::{BatchError, StateBackend};
+use crate::cache::{Cache, Stored, WriteStatus};
+use crate::cached::CachedStateStore;
+use crate::flusher::RoundOutcome;
+
+impl<B: StateBackend> CachedStateStore<B> {
+    /// Writes `value` under `key` only while the key's current value equals
+    /// `expected` (`None`: the key has no value), and says whether it wrote.
+    ///
+    /// Decided by the table, never by the cache, in every mode: atomic
+    /// against every writer of the table, other processes included. This
+    /// store's own pending write of the key counts as the current value: it
+    /// is made durable first (so in write-behind this costs a flush of the
+    /// pending writes), then one conditional statement is sent. While it
+    /// runs, puts and deletes of `key` through this store wait for it. When
+    /// the table disagrees, the key's cached entry is dropped (another
+    /// process changed the row), so the next `get` reads the table.
+    ///
+    /// It fails, writing nothing, when this store's pending write of the key
+    /// cannot be committed (the server refused it, or the flush failed).
+    /// Like the plain store's, it is sent once: after an error or a time-out
+    /// ([`write_timeout`](crate::CacheOptions::write_timeout) in total) it
+    /// may or may not have been applied; read the key to find out. A dropped
+    /// call means the same.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::sync::Arc;
+    /// use faucet_core::state::StateStore;
+    /// use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, MemoryBackend};
+    /// use serde_json::json;
+    ///
+    /// let backend = Arc::new(MemoryBackend::new());
+    /// let options = CacheOptions::new().durability(Durability::WriteBehind);
+    /// let store = CachedStateStore::new(backend.clone(), options).unwrap();
+    /// store.put("lease", &json!(1)).await.unwrap(); // pending, in memory
+    /// assert!(store.compare_and_put("lease", Some(&json!(1)), &json!(2)).await.unwrap());
+    /// assert_eq!(backend.rows()["lease"], json!(2)); // committed, never 1 afterwards
+    /// assert!(!store.compare_and_put("lease", None, &json!(3)).await.unwrap());
+    /// # store.shutdown().await.unwrap();
+    /// # }
+    /// ```
+    pub async fn compare_and_put(
+        &self,
+        key: &str,
+        expected: Option<&Value>,
+        value: &Value,
+    ) -> Result<bool, FaucetError> {
+        let stored = self.engine.backend.encode(key, value)?;
+        drop(self.enter(key)?);
+        let decided = self.within_write_timeout(async {
+            let mut held = self.hold(&[key]).await;
+            self.settle(&held, "compare_and_put").await?;
+            let wrote = self
+                .engine
+                .backend
+                .compare_and_put(key, expected, &stored)
+                .await
+                .map_err(|error| {
+                    FaucetError::State(format!(
+                        "compare_and_put of key '{key}' failed: {error}; it may or may not have \
+                         been applied: read the key to find out before trying again"
+                    ))
+                })?;
+            if wrote {
+                held.committed(&[(key, stored)], &self.engine);
+            }
+            // Not written: the table disagreed with whatever is cached, so
+            // the guard drops the entry as it goes.
+            Ok(wrote)
+        });
+        decided.await.unwrap_or_else(|_| {
+            Err(FaucetError::State(format!(
+                "compare_and_put of key '{key}' did not finish within write_timeout ({:?}); it \
+                 may or may not have been applied: read the key to find out before trying again",
+                self.engine.options.get_write_timeout()
+            )))
+        })
+    }
+
+    /// Writes every entry, all or nothing, in one statement sent directly to
+    /// the table (not through the flusher), in every mode; a key given twice
+    /// keeps its last value.
+    ///
+    /// Nothing is sent unless every key and value is valid. This store's
+    /// pending writes of the batch's keys are made durable first, so none of
+    /// them can overwrite the batch afterwards; while it runs, puts and
+    /// deletes of those keys through this store wait for it. `Ok` means
+    /// every entry is committed. After an error, a refusal by the server or
+    /// a failed pending write writes nothing; a lost connection or a
+    /// time-out ([`write_timeout`](crate::CacheOptions::write_timeout) in
+    /// total) may or may not have committed the whole batch (never part of
+    /// it): read the keys, or send it again. A dropped call means the same.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::sync::Arc;
+    /// use faucet_state_postgres::{CacheOptions, CachedStateStore, MemoryBackend};
+    /// use serde_json::json;
+    ///
+    /// let backend = Arc::new(MemoryBackend::new());
+    /// let store = CachedStateStore::new(backend.clone(), CacheOptions::new()).unwrap();
+    /// let entries = vec![("a".to_owned(), json!(1)), ("b".to_owned(), json!(2))];
+    /// store.put_batch(&entries).await.unwrap();
+    /// assert_eq!(backend.rows().len(), 2);
+    /// // One key that is not valid: nothing is written.
+    /// let bad = vec![("c".to_owned(), json!(3)), ("not a key".to_owned(), json!(4))];
+    /// assert!(store.put_batch(&bad).await.is_err());
+    /// assert_eq!(backend.rows().len(), 2);
+    /// # store.shutdown().await.unwrap();
+    /// # }
+    /// ```
+    pub async fn put_batch(&self, entries: &[(String, Value)]) -> Result<(), FaucetError> {
+        let mut latest: BTreeMap<&str, Stored> = BTreeMap::new();
+        for (key, value) in entries {
+            latest.insert(key, self.engine.backend.encode(key, value)?);
+        }
+        let Some(first) = latest.keys().next().copied() else {
+            return Ok(());
+        };
+        drop(self.enter(first)?);
+        let keys: Vec<&str> = latest.keys().copied().collect();
+        let described = describe_keys(&keys);
+        let decided = self.within_write_timeout(async {
+            let mut held = self.hold(&keys).await;
+            self.settle(&held, "put_batch").await?;
+            let upserts: Vec<(&str, &str)> = latest
+                .iter()
+                .map(|(key, stored)| (*key, &**stored))
+                .collect();
+            match self.engine.backend.write_batch(&upserts, &[]).await {
+                Ok(()) => {
+                    let written: Vec<(&str, Stored)> = latest.into_iter().collect();
+                    held.committed(&written, &self.engine);
+                    Ok(())
+                }
+                Err(BatchError::Refused(error)) => {
+                    self.engine.counters.record_refusal();
+                    Err(FaucetError::State(format!(
+                        "the server refused put_batch of {described}: {error}; nothing was \
+                         written: send the batch again with values the table accepts"
+                    )))
+                }
+                Err(BatchError::Transient(error)) => Err(FaucetError::State(format!(
+                    "put_batch of {described} failed: {error}; either all of it or none of it \
+                     was committed: send it again"
+                ))),
+            }
+        });
+        decided.await.unwrap_or_else(|_| {
+            Err(FaucetError::State(format!(
+                "put_batch of {described} did not finish within write_timeout ({:?}); either \
+                 all of it or none of it was committed: send it again",
+                self.engine.options.get_write_timeout()
+            )))
+        })
+    }
+
+    /// Step 1 of the module docs for `keys` (sorted, distinct).
+    async fn hold<'a>(&'a self, keys: &[&'a str]) -> Held<'a> {
+        let mut stripes: Vec<usize> = keys
+            .iter()
+            .map(|key| self.engine.cache.stripe_of(key))
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut serialized = Vec::with_capacity(stripes.len());
+        for stripe in stripes {
+            serialized.push(self.write_through_locks[stripe].lock().await);
+        }
+        let mut held = Held {
+            cache: &self.engine.cache,
+            keys: Vec::with_capacity(keys.len()),
+            pending: Vec::new(),
+            trusted: false,
+            _serialized: serialized,
+        };
+        for &key in keys {
+            let pending = self.engine.cache.hold(key);
+            held.keys.push(key);
+            if let Some(pending) = pending {
+                held.pending.push((key, pending.version));
+            }
+        }
+        held
+    }
+
+    /// Step 2 of the module docs: this store's pending writes of the held
+    /// keys are committed, or the operation fails with nothing sent.
+    async fn settle(&self, held: &Held<'_>, operation: &str) -> Result<(), FaucetError> {
+        let cache = &self.engine.cache;
+        let all_durable = |cache: &Cache| -> Result<bool, FaucetError> {
+            let mut durable = true;
+            for &(key, version) in &held.pending {
+                match cache.write_status(key, version) {
+                    WriteStatus::Durable => {}
+                    WriteStatus::Pending => durable = false,
+                    WriteStatus::Refused(reason) => {
+                        return Err(FaucetError::State(format!(
+                            "{operation} was not sent: the server refused this store's pending \
+                             write of key '{key}' ({reason}); put or delete the key with a value \
+                             the table accepts first"
+                        )));
+                    }
+                }
+            }
+            Ok(durable)
+        };
+        if all_durable(cache)? {
+            return Ok(());
+        }
+        let failed = |why: &str| {
+            FaucetError::State(format!(
+                "{operation} was not sent: this store's pending writes of its keys could not be \
+                 committed first: {why}; they stay queued and are retried"
+            ))
+        };
+        match self.engine.wait_for_durability().await {
+            RoundOutcome::Committed => {}
+            RoundOutcome::Failed(error) => return Err(failed(&error)),
+            RoundOutcome::Stopped => return Err(failed("the flusher has stopped")),
+        }
+        if all_durable(cache)? {
+            Ok(())
+        } else {
+            // Unreachable by the flusher's argument (every write made before
+            // a flush is in a round it waits for); reported, not assumed.
+            Err(failed(
+                "a pending write was still not committed after a flush",
+            ))
+        }
+    }
+}
+
+/// Keys held by one operation (step 1), released on drop. Until
+/// [`committed`](Self::committed) is called their cached entries are not
+/// trusted, and are dropped with the hold: the table disagreed, or the
+/// outcome is unknown.
+struct Held<'a> {
+    cache: &'a Cache,
+    keys: Vec<&'a str>,
+    /// This store's pending write of a held key, by version (step 2).
+    pending: Vec<(&'a str, u64)>,
+    trusted: bool,
+    /// Released after the keys (see `holds.rs`).
+    _serialized: Vec<MutexGuard<'a, ()>>,
+}
+
+impl Held<'_> {
+    /// The operation committed these values of its keys.
+    fn committed<B: StateBackend>(
+        &mut self,
+        written: &[(&str, Stored)],
+        engine: &crate::flusher::Engine<B>,
+    ) {
+        for (key, stored) in written {
+            self.cache
+                .store_clean(key, Some(stored.clone()), &engine.counters);
+        }
+        self.trusted = true;
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        for key in &self.keys {
+            if !self.trusted {
+                self.cache.invalidate(key);
+            }
+            self.cache.release(key);
+        }
+    }
+}
+
+/// The keys of a batch, for an error message: a few, then how many more.
+fn describe_keys(keys: &[&str]) -> String {
+    const SHOWN: usize = 3;
+    let shown: Vec<String> = keys.iter().take(SHOWN).map(|k| format!("'{k}'")).collect();
+    match keys.len().saturating_sub(SHOWN) {
+        0 => format!("key(s) {}", shown.join(", ")),
+        more => format!("keys {} and {more} more", shown.join(", ")),
+    }
+}
