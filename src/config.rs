@@ -142,7 +142,7 @@ pub enum Durability {
 /// | [`max_batch_bytes`](Self::max_batch_bytes) | 32 MiB | most encoded bytes (values and keys) per transaction; a larger single write goes alone |
 /// | [`max_pending`](Self::max_pending) | 100,000 | most dirty keys held in memory; write-behind also flushes as soon as half this many are waiting |
 /// | [`put_timeout`](Self::put_timeout) | 5 s | how long a write waits for room when `max_pending` keys are dirty |
-/// | [`write_timeout`](Self::write_timeout) | 30 s | how long a write-through or group-commit `put`/`delete`, or `flush()`, waits for its commit before it returns an error (the write stays queued) |
+/// | [`write_timeout`](Self::write_timeout) | 30 s | how long a write-through or group-commit `put`/`delete`, or `flush()`, waits for its commit before it returns an error (the write stays queued); also bounds a whole `compare_and_put`/`put_batch`, and a write's wait for one holding its key |
 /// | [`cache_capacity`](Self::cache_capacity) | 100,000 | most clean (persisted) entries kept for reads |
 /// | [`shutdown_timeout`](Self::shutdown_timeout) | 30 s | how long `shutdown()` keeps retrying to persist dirty keys |
 /// | [`retry_backoff_max`](Self::retry_backoff_max) | 5 s | cap of the flusher's exponential backoff after a failed batch (it starts at 50 ms) |
@@ -258,7 +258,9 @@ option_accessors! {
     /// `flush()`, wait for their commit. Past it they return an error; a
     /// buffered write stays queued and is retried by the flusher (a
     /// write-through write may or may not have committed, and its key is
-    /// read from the table next).
+    /// read from the table next). It also bounds a whole `compare_and_put`
+    /// or `put_batch` (the flush of its keys' pending writes included), and
+    /// how long a `put`/`delete` of a key one of them holds waits for it.
     write_timeout / get_write_timeout: Duration;
     /// Most clean entries (values known to be persisted, or known absent)
     /// kept for reads. Only clean entries are evicted, oldest first; 0 turns

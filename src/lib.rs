@@ -145,7 +145,8 @@
 //!    *(`tests/refused_writes.rs`, `tests/refused_writes_postgres.rs`)*
 //! 9. **Cancellation is safe.** Every public async method may be dropped at
 //!    any await (a `timeout`, `select!`, an aborted task). A dropped `get`
-//!    caches nothing. A dropped buffered `put`/`delete` was either not staged
+//!    caches nothing. A dropped `compare_and_put`/`put_batch` releases its
+//!    keys and drops their cached entries (it may or may not have applied). A dropped buffered `put`/`delete` was either not staged
 //!    (it was waiting for room) or is staged and will be persisted like any
 //!    other. A dropped write-through `put` may or may not have committed, so
 //!    its key is read from the table next. A dropped `flush()` changes
@@ -172,6 +173,17 @@
 //!     the writers are scheduled: a writer that never awaits anything else
 //!     still yields its thread now and then. No option value makes the store
 //!     panic. *(`tests/engine_liveness.rs`)*
+//! 12. **`compare_and_put` and `put_batch` are decided by the table.**
+//!     Never by the cache, in every mode, so `compare_and_put` is atomic
+//!     against other processes too. This store's pending writes of their
+//!     keys are committed first: a pending write counts as the current value,
+//!     and no write buffered before the call can overwrite its result. Puts
+//!     and deletes of those keys through this store wait until it ends (at
+//!     most `write_timeout`). When the table disagrees, or the outcome is
+//!     unknown (an error, a time-out, a dropped call), the keys' cached
+//!     entries are dropped, so the next read goes to the table.
+//!     `put_batch` is one statement: all or nothing, validation included.
+//!     *(`tests/atomic_ops.rs`, the conformance suite's `claim_race`)*
 //!
 //! In group-commit mode a `put` whose batch fails returns the error, but the
 //! write stays queued and is retried like any dirty entry: an `Err` means

@@ -390,3 +390,55 @@ async fn list_includes_pending_puts_and_excludes_pending_deletes_in_every_mode()
         store.shutdown().await.unwrap();
     }
 }
+
+/// faucet-core 1.16's operations on the cached store, against the table:
+/// a pending put is the current value of a `compare_and_put` and never
+/// lands after it; a row another process changed fails the CAS and drops
+/// the stale cached entry; `put_batch` is all or nothing and is not
+/// overwritten by an older buffered write.
+#[tokio::test]
+async fn compare_and_put_and_put_batch_are_decided_by_the_table_in_every_mode() {
+    let url = support::database_url();
+    for mode in [
+        Durability::WriteThrough,
+        Durability::GroupCommit,
+        Durability::WriteBehind,
+    ] {
+        let options = CacheOptions::new().durability(mode).flush_interval(NEVER);
+        let store = cached_on(&url, "cas_cached", options).await;
+        let other =
+            PostgresStateStore::from_pool(store.backend().pool().clone(), store.backend().table())
+                .unwrap();
+
+        store.put("k", &json!(1)).await.unwrap();
+        assert!(
+            store
+                .compare_and_put("k", Some(&json!(1)), &json!(2))
+                .await
+                .unwrap()
+        );
+        assert_eq!(other.get("k").await.unwrap(), Some(json!(2)), "{mode:?}");
+
+        assert_eq!(store.get("k").await.unwrap(), Some(json!(2))); // cached
+        other.put("k", &json!(7)).await.unwrap(); // another process
+        assert!(
+            !store
+                .compare_and_put("k", Some(&json!(2)), &json!(3))
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.get("k").await.unwrap(), Some(json!(7)), "{mode:?}");
+
+        store.put("a", &json!("old")).await.unwrap();
+        let batch = vec![("a".to_owned(), json!(1)), ("b".to_owned(), json!(2))];
+        store.put_batch(&batch).await.unwrap();
+        assert_eq!(other.get("a").await.unwrap(), Some(json!(1)), "{mode:?}");
+        let bad = vec![("a".to_owned(), json!(9)), ("c d".to_owned(), json!(9))];
+        assert!(store.put_batch(&bad).await.is_err());
+
+        store.shutdown().await.unwrap();
+        let rows = table_rows(&store).await;
+        assert_eq!(rows["k"], json!(7), "{mode:?}");
+        assert_eq!((&rows["a"], &rows["b"]), (&json!(1), &json!(2)), "{mode:?}");
+    }
+}

@@ -218,3 +218,62 @@ async fn shutdown_ends_within_shutdown_timeout_while_a_write_is_stalled() {
         .to_string();
     assert!(err.contains("1 keys were not persisted"), "{err}");
 }
+
+#[tokio::test]
+async fn a_cancelled_put_batch_releases_its_keys_and_its_outcome_is_read_from_the_table() {
+    let batch = |value: i64| vec![("k".to_owned(), json!(value))];
+    for durability in [
+        Durability::WriteThrough,
+        Durability::GroupCommit,
+        Durability::WriteBehind,
+    ] {
+        let (backend, store) = store_with(options(durability));
+        store.put_batch(&batch(1)).await.unwrap();
+        assert_eq!(store.get("k").await.unwrap(), Some(json!(1)));
+
+        // Dropped after its statement committed, before the answer came:
+        // the cached 1 is not trusted, the table's 2 is read.
+        let pause = backend.pause_after_commit().await;
+        assert!(timeout(SOON, store.put_batch(&batch(2))).await.is_err());
+        drop(pause);
+        assert_eq!(
+            store.get("k").await.unwrap(),
+            Some(json!(2)),
+            "{durability:?}"
+        );
+
+        // Dropped before its statement ran: nothing changed.
+        let pause = backend.pause_writes().await;
+        assert!(timeout(SOON, store.put_batch(&batch(3))).await.is_err());
+        drop(pause);
+        assert_eq!(
+            store.get("k").await.unwrap(),
+            Some(json!(2)),
+            "{durability:?}"
+        );
+
+        // Its key is free again.
+        timeout(Duration::from_secs(5), store.put("k", &json!(4)))
+            .await
+            .expect("a dropped put_batch still holds its key")
+            .unwrap();
+        store.shutdown().await.unwrap();
+        assert_eq!(backend.rows()["k"], json!(4), "{durability:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_cas_cancelled_while_its_pending_write_is_flushed_leaves_that_write_queued() {
+    let (backend, store) = store_with(options(Durability::WriteBehind));
+    store.put("k", &json!(1)).await.unwrap();
+    let pause = backend.pause_writes().await;
+    let (expected, value) = (json!(1), json!(2));
+    let cas = store.compare_and_put("k", Some(&expected), &value);
+    assert!(timeout(SOON, cas).await.is_err());
+    drop(pause);
+    store.flush().await.unwrap();
+    assert_eq!(backend.rows()["k"], json!(1), "the pending write was kept");
+    store.put("k", &json!(3)).await.unwrap(); // the key is free again
+    store.shutdown().await.unwrap();
+    assert_eq!(backend.rows()["k"], json!(3));
+}
