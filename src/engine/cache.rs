@@ -144,13 +144,13 @@ pub(crate) struct FillTicket {
 }
 
 /// Why [`Cache::stage`] did not take a write.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum StageError {
     /// No room for a new dirty key within the put timeout.
     Full,
     /// A `compare_and_put` or `put_batch` holds the key (see `holds.rs`):
-    /// wait for it, then stage again.
-    Held,
+    /// wait for it, then stage the write, handed back here, again.
+    Held(Option<Stored>),
 }
 
 /// Where one write (a key and the version `stage` gave it) stands.
@@ -310,7 +310,7 @@ impl Cache {
             && matches!(slot.state, SlotState::Dirty { .. })
         {
             if self.holds.is_held(key) {
-                return Err(StageError::Held);
+                return Err(StageError::Held(value));
             }
             let version = self.next_stamp();
             slot.value = value;
@@ -593,7 +593,7 @@ impl Cache {
         let held = |key: &str| !holder && self.holds.is_held(key);
         if let Some(mut slot) = self.slots.get_mut(key) {
             if held(key) {
-                return Err(StageError::Held);
+                return Err(StageError::Held(value));
             }
             let previous = slot.state;
             slot.value = value;
@@ -605,7 +605,7 @@ impl Cache {
         }
         let entry = self.slots.entry(Key::from(key));
         if held(key) {
-            return Err(StageError::Held);
+            return Err(StageError::Held(value));
         }
         match entry {
             // Created by another write since the lookup above.

@@ -358,6 +358,7 @@ impl<B: StateBackend> CachedStateStore<B> {
         // woken onto that thread would never run. Spending the task's
         // cooperative budget makes such a writer yield now and then.
         tokio::task::consume_budget().await;
+        let mut stored = stored;
         let (staged, rounds_before) = loop {
             // Group commit: only rounds started after this point can carry
             // the write (see `Engine::wait_for_write`).
@@ -366,15 +367,13 @@ impl<B: StateBackend> CachedStateStore<B> {
                 _ => 0,
             };
             let put_timeout = self.engine.options.get_put_timeout();
-            match self
-                .engine
-                .cache
-                .stage(key, stored.clone(), put_timeout)
-                .await
-            {
+            match self.engine.cache.stage(key, stored, put_timeout).await {
                 Ok(staged) => break (staged, rounds_before),
                 Err(StageError::Full) => return Err(report::full_error(&self.engine, key)),
-                Err(StageError::Held) => self.wait_for_holder(key).await?,
+                Err(StageError::Held(handed_back)) => {
+                    stored = handed_back;
+                    self.wait_for_holder(key).await?;
+                }
             }
         };
         // Checked again once staged: a flusher that died before this write
