@@ -77,6 +77,20 @@ pub(crate) enum StoreError {
     },
 
     #[error(
+        "{op} on table \"{table}\" was refused: this store (fence scope '{scope}', epoch {epoch}) \
+         was {reason}; nothing was written, and no write of this store will land again: \
+         another instance of the pipeline now owns the scope, so stop this one"
+    )]
+    Fenced {
+        op: &'static str,
+        table: String,
+        scope: String,
+        epoch: i64,
+        /// The server's message, which names the newer epoch.
+        reason: String,
+    },
+
+    #[error(
         "table \"{table}\" exists but does not have the state-store layout: {problem}; \
          expected (key TEXT PRIMARY KEY, value JSONB NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW())"
     )]
@@ -88,6 +102,11 @@ impl StoreError {
     /// the same rows will fail again and other rows may not.
     pub(crate) fn refuses_rows(&self) -> bool {
         matches!(self, StoreError::Query { refused: true, .. })
+    }
+
+    /// Whether a newer instance claimed this store's fence scope.
+    pub(crate) fn is_fenced(&self) -> bool {
+        matches!(self, StoreError::Fenced { .. })
     }
 }
 

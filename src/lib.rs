@@ -279,7 +279,7 @@ mod test_hooks;
 // The modules by their short names, so that every file refers to a sibling
 // the same way whichever folder it lives in.
 use engine::{backend, cache, cached, flusher, holds, memory, report, stats};
-use postgres::{codec, connect, exec, pg, probe, reserve, schema, session, sql};
+use postgres::{codec, connect, exec, fence, pg, probe, reserve, schema, session, sql};
 
 pub use backend::{BatchError, StateBackend};
 pub use cached::CachedStateStore;

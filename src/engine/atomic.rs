@@ -77,6 +77,7 @@ impl<B: StateBackend> CachedStateStore<B> {
     ) -> Result<bool, FaucetError> {
         let stored = self.engine.backend.encode(key, value)?;
         drop(self.enter(key)?);
+        self.refuse_if_flusher_died(key)?;
         let decided = self.within_write_timeout(async {
             let mut held = self.hold(&[key]).await;
             self.settle(&held, "compare_and_put").await?;
@@ -148,6 +149,7 @@ impl<B: StateBackend> CachedStateStore<B> {
             return Ok(());
         };
         drop(self.enter(first)?);
+        self.refuse_if_flusher_died(first)?;
         let keys: Vec<&str> = latest.keys().copied().collect();
         let described = describe_keys(&keys);
         let decided = self.within_write_timeout(async {
@@ -174,6 +176,12 @@ impl<B: StateBackend> CachedStateStore<B> {
                     "put_batch of {described} failed: {error}; either all of it or none of it \
                      was committed: send it again"
                 ))),
+                Err(BatchError::Fenced(error)) => {
+                    self.engine.fence(&error);
+                    Err(FaucetError::State(format!(
+                        "put_batch of {described} was not written: {error}"
+                    )))
+                }
             }
         });
         decided.await.unwrap_or_else(|_| {

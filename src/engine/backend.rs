@@ -93,6 +93,11 @@ pub enum BatchError {
     /// batch fails the same way, so the engine splits it until each refused
     /// row stands alone, and commits everything else.
     Refused(FaucetError),
+    /// A newer instance claimed this store's fence scope (see
+    /// [`PostgresStateStore::fence`]): nothing of the batch was written and
+    /// no later write will be. The engine stops, refuses further writes and
+    /// never sends what it buffered.
+    Fenced(FaucetError),
 }
 
 impl BatchError {
@@ -105,14 +110,14 @@ impl BatchError {
     /// ```
     pub fn error(&self) -> &FaucetError {
         match self {
-            Self::Transient(error) | Self::Refused(error) => error,
+            Self::Transient(error) | Self::Refused(error) | Self::Fenced(error) => error,
         }
     }
 
     /// The underlying error, consuming `self`.
     pub fn into_error(self) -> FaucetError {
         match self {
-            Self::Transient(error) | Self::Refused(error) => error,
+            Self::Transient(error) | Self::Refused(error) | Self::Fenced(error) => error,
         }
     }
 }
@@ -150,7 +155,9 @@ impl StateBackend for PostgresStateStore {
     ) -> Result<(), BatchError> {
         let (keys, texts): (Vec<&str>, Vec<&str>) = upserts.iter().copied().unzip();
         self.apply(&keys, &texts, deletes).await.map_err(|e| {
-            if e.refuses_rows() {
+            if e.is_fenced() {
+                BatchError::Fenced(e.into())
+            } else if e.refuses_rows() {
                 BatchError::Refused(e.into())
             } else {
                 BatchError::Transient(e.into())

@@ -337,6 +337,7 @@ impl<B: StateBackend> CachedStateStore<B> {
         let counters = &self.engine.counters;
         let durability = self.engine.options.get_durability();
         if durability == Durability::WriteThrough {
+            self.refuse_if_flusher_died(key)?;
             // Dropped on time-out: the guard in write_through invalidates the key.
             self.within_write_timeout(self.write_through(key, stored))
                 .await
@@ -449,9 +450,12 @@ impl<B: StateBackend> CachedStateStore<B> {
         }
     }
 
-    /// Only a panic ends the flusher before shutdown; accepting more writes
-    /// would buffer them where nothing will ever persist them.
-    fn refuse_if_flusher_died(&self, key: &str) -> Result<(), FaucetError> {
+    /// Only a panic or a fence ends the flusher before shutdown; accepting
+    /// more writes would buffer them where nothing will ever persist them.
+    pub(super) fn refuse_if_flusher_died(&self, key: &str) -> Result<(), FaucetError> {
+        if let Some(fenced) = self.engine.fenced.get() {
+            return Err(report::fenced_error(&self.engine, key, fenced));
+        }
         if self.engine.stopped.load(Ordering::SeqCst) && !self.closed.load(Ordering::SeqCst) {
             return Err(FaucetError::State(format!(
                 "the flusher has stopped unexpectedly (see the panic in the log); \
@@ -501,6 +505,10 @@ impl<B: StateBackend> CachedStateStore<B> {
                         "the {what} of key '{key}' failed: {error}; it may or may not have \
                          committed: retry it"
                     ),
+                    BatchError::Fenced(error) => {
+                        self.engine.fence(&error);
+                        format!("the {what} of key '{key}' was not written: {error}")
+                    }
                 }))
             }
         }

@@ -84,6 +84,9 @@ pub(crate) struct Engine<B> {
     pub abandoned: AtomicBool,
     /// The flusher task has ended, for whatever reason.
     pub stopped: AtomicBool,
+    /// Set once a write was fenced (see `BatchError::Fenced`): why. The
+    /// flusher then ends, and writes are refused with this reason.
+    pub fenced: std::sync::OnceLock<Arc<str>>,
     /// Queued keys that make a round due before the flush interval ends:
     /// half of `max_pending`. Writing earlier would only write hot keys
     /// again and again, costing the server what coalescing saves; writing
@@ -124,9 +127,16 @@ impl<B: StateBackend> Engine<B> {
             shutting_down: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            fenced: std::sync::OnceLock::new(),
             flush_threshold: options.get_max_pending().div_ceil(2),
             options,
         }
+    }
+
+    /// Records that a write was fenced; the first reason is kept.
+    pub(crate) fn fence(&self, error: &FaucetError) {
+        let _ = self.fenced.set(Arc::from(error.to_string()));
+        self.wake.notify_one();
     }
 
     /// Waits until the rounds that carry every write made before this call
@@ -254,6 +264,12 @@ impl<'a, B: StateBackend> Flusher<'a, B> {
         let engine = self.engine;
         let concurrent = engine.options.get_concurrent_batches();
         loop {
+            if engine.fenced.get().is_some() {
+                // Nothing buffered may land now: batches in flight are
+                // dropped (each is guarded, so none of them can commit) and
+                // the dirty keys stay unwritten.
+                return;
+            }
             self.start_batches();
             self.publish_ended_rounds();
             if self.rounds.is_empty()
@@ -352,6 +368,10 @@ impl<'a, B: StateBackend> Flusher<'a, B> {
             }
             Err(BatchError::Refused(error)) => park(engine, batch, &error),
             Err(BatchError::Transient(error)) => self.failed(index, batch, &error),
+            Err(BatchError::Fenced(error)) => {
+                tracing::error!(%error, "faucet-state-postgres: this store was fenced by a newer instance; it writes nothing more");
+                engine.fence(&error);
+            }
         }
         // Waiters for single writes check their keys after every batch:
         // `send_modify` wakes them even though nothing in `Progress` moved.

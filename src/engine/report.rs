@@ -17,6 +17,13 @@ pub(crate) fn nothing_left<B: StateBackend>(
     engine: &Engine<B>,
     operation: &str,
 ) -> Result<(), FaucetError> {
+    if let Some(fenced) = engine.fenced.get() {
+        return Err(FaucetError::State(format!(
+            "{operation}: this store was fenced, so its {} buffered writes will never be \
+             written: {fenced}",
+            engine.cache.dirty_len()
+        )));
+    }
     match engine.cache.dirty_len() {
         0 => Ok(()),
         left => Err(FaucetError::State(format!(
@@ -100,6 +107,19 @@ pub(crate) fn full_error<B: StateBackend>(engine: &Engine<B>, key: &str) -> Fauc
 
 /// The `flusher` probe: running, its last round committed, and the
 /// oldest unpersisted write younger than `2 × flush_interval + 10 s`.
+/// A write refused because the store was fenced (see `BatchError::Fenced`).
+pub(crate) fn fenced_error<B: StateBackend>(
+    engine: &Engine<B>,
+    key: &str,
+    fenced: &str,
+) -> FaucetError {
+    FaucetError::State(format!(
+        "the write of key '{key}' was refused: this store was fenced, and {} buffered writes \
+         will never be written: {fenced}",
+        engine.cache.dirty_len()
+    ))
+}
+
 pub(crate) fn flusher_probe<B: StateBackend>(engine: &Engine<B>) -> Probe {
     let progress = engine.progress.borrow().clone();
     let dirty = engine.cache.dirty_len();
@@ -114,7 +134,14 @@ pub(crate) fn flusher_probe<B: StateBackend>(engine: &Engine<B>) -> Probe {
         .saturating_mul(2)
         .saturating_add(Duration::from_secs(10));
     let refused = refusal_summary(engine);
-    if progress.stopped {
+    if let Some(fenced) = engine.fenced.get() {
+        Probe::fail_hint(
+            "flusher",
+            Duration::ZERO,
+            format!("stopped: {fenced}; {backlog} will never be written"),
+            "another instance owns the fence scope now; stop this one",
+        )
+    } else if progress.stopped {
         Probe::fail_hint(
             "flusher",
             Duration::ZERO,

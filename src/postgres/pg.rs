@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use faucet_core::FaucetError;
-use faucet_core::check::{CheckContext, CheckReport};
+use faucet_core::check::{CheckContext, CheckReport, Probe};
 use faucet_core::state::{StateStore, validate_state_key};
 use serde_json::Value;
 use sqlx::postgres::PgRow;
@@ -20,8 +20,9 @@ use crate::config::{
     validate_max_connections, validate_prefix,
 };
 use crate::connect::connect_pool;
-use crate::error::{StoreError, describe_sqlx, refuses_rows};
+use crate::error::{StoreError, describe_sqlx, refuses_rows, sqlstate};
 use crate::exec::{DEFAULT_STATEMENT_TIMEOUT, Executor, outcome_unknown};
+use crate::fence::{self, FENCED_SQLSTATE, Fence};
 use crate::session::SessionSettings;
 use crate::sql::{Prepared, Statements, timeout_millis};
 use crate::{probe, schema};
@@ -70,6 +71,8 @@ pub struct PostgresStateStore {
     /// pool from `from_pool`.
     session: Option<Arc<SessionSettings>>,
     max_value_bytes: usize,
+    /// The scope this store claimed, if fenced (see `fence.rs`).
+    fence: Option<Fence>,
 }
 
 impl PostgresStateStore {
@@ -141,7 +144,88 @@ impl PostgresStateStore {
             session: None,
             table,
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            fence: None,
         }
+    }
+
+    /// Every statement, bounded by `timeout`, writes guarded by the fence.
+    fn statements(&self, timeout: Duration) -> Statements {
+        let statements = Statements::new(&self.table, timeout);
+        match &self.fence {
+            Some(fence) => statements.guarded(fence.guard(&self.table)),
+            None => statements,
+        }
+    }
+
+    /// Claims `scope` for this store, fencing every earlier claimant: from
+    /// now on a write of a store that claimed `scope` before lands only
+    /// while no newer claim exists, checked in the write's own transaction.
+    ///
+    /// Open each instance of a pipeline with the same scope (its name, say);
+    /// the newest instance wins. A fenced store's writes, and its
+    /// [`CachedStateStore`](crate::CachedStateStore)'s buffered ones, fail
+    /// with "fenced by a newer instance (epoch N)" and never land, and its
+    /// `check()` fails naming the newer epoch. Reads are not fenced. The
+    /// claim is one statement: the scope's epoch, kept in a row of the
+    /// table under the key `#fence:<scope>` (never a state key, and left out
+    /// of [`list`](Self::list)), goes up by one; it waits for writes of older
+    /// claimants that are in flight, so none lands after it. The scope
+    /// follows the state-key rules. Fenced writes are sent as simple-protocol
+    /// messages (a guard, then the write) even in prepared mode.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), faucet_core::FaucetError> {
+    /// use faucet_state_postgres::PostgresStateStore;
+    /// let store = PostgresStateStore::connect("postgres://app:secret@localhost/app")
+    ///     .await?
+    ///     .fence("orders-pipeline")
+    ///     .await?;
+    /// assert!(store.fence_epoch().is_some());
+    /// # Ok(()) }
+    /// ```
+    pub async fn fence(mut self, scope: &str) -> Result<Self, FaucetError> {
+        validate_state_key(scope)
+            .map_err(|e| FaucetError::Config(format!("invalid fence scope {scope:?}: {e}")))?;
+        let claim = self.sql.bounded(&fence::claim_sql(&self.table, scope));
+        let rows = self.run("claim of the fence", &claim).await?;
+        let epoch: i64 = rows
+            .first()
+            .map(|row| decode(row, 0, self.table()))
+            .transpose()?
+            .ok_or_else(|| {
+                FaucetError::State(format!(
+                    "the claim of fence scope '{scope}' in table '{}' returned no epoch",
+                    self.table()
+                ))
+            })?;
+        self.fence = Some(Fence {
+            scope: scope.to_owned(),
+            epoch,
+        });
+        self.sql = self.statements(self.statement_timeout());
+        Ok(self)
+    }
+
+    /// The epoch this store claimed its scope with, if it is fenced (see
+    /// [`fence`](Self::fence)).
+    pub fn fence_epoch(&self) -> Option<i64> {
+        self.fence.as_ref().map(|fence| fence.epoch)
+    }
+
+    /// The newest epoch of this store's fence scope, as the table holds it
+    /// now (`None` when the store is not fenced or the row is gone).
+    pub(crate) async fn newest_fence_epoch(&self) -> Result<Option<i64>, StoreError> {
+        let Some(fence) = &self.fence else {
+            return Ok(None);
+        };
+        let sql = self
+            .sql
+            .bounded(&fence::newest_epoch_sql(&self.table, &fence.scope));
+        let rows = self.run("read of the fence", &sql).await?;
+        rows.first()
+            .map(|row| decode::<Option<i64>>(row, 0, self.table()))
+            .transpose()
+            .map(Option::flatten)
     }
 
     /// Sets how long any statement this store sends may run (default
@@ -165,7 +249,7 @@ impl PostgresStateStore {
     pub fn with_statement_timeout(mut self, timeout: Duration) -> Self {
         let timeout = Duration::from_millis(timeout_millis(timeout));
         self.exec = Executor::new(self.exec.pool().clone(), timeout);
-        self.sql = Statements::new(&self.table, timeout);
+        self.sql = self.statements(timeout);
         self.configure_sessions();
         self
     }
@@ -372,7 +456,8 @@ impl PostgresStateStore {
             .map(|expected| codec::encode(key, expected, usize::MAX))
             .transpose()?;
         let exec = &self.exec;
-        let sent = match (&self.prepared, expected.as_deref()) {
+        let prepared = self.prepared.as_ref().filter(|_| !self.sql.is_guarded());
+        let sent = match (prepared, expected.as_deref()) {
             (None, expected) => {
                 let sql = self.sql.compare_and_put(key, expected, text);
                 exec.fetch_once(sqlx::raw_sql(&sql)).await
@@ -461,7 +546,9 @@ impl PostgresStateStore {
             (0, _) => "delete_many",
             _ => "write_batch",
         };
-        let Some(prepared) = &self.prepared else {
+        // A fenced write carries its guard in the same message: simple protocol.
+        let prepared = self.prepared.as_ref().filter(|_| !self.sql.is_guarded());
+        let Some(prepared) = prepared else {
             let Some(sql) = self.sql.write(upsert_keys, upsert_texts, delete_keys) else {
                 return Ok(());
             };
@@ -519,6 +606,15 @@ impl PostgresStateStore {
     }
 
     fn query_error(&self, op: &'static str, e: &sqlx::Error) -> StoreError {
+        if let (Some(fence), Some(FENCED_SQLSTATE)) = (&self.fence, sqlstate(e).as_deref()) {
+            return StoreError::Fenced {
+                op,
+                table: self.table().to_owned(),
+                scope: fence.scope.clone(),
+                epoch: fence.epoch,
+                reason: describe_sqlx(e),
+            };
+        }
         StoreError::Query {
             op,
             table: self.table().to_owned(),
@@ -587,8 +683,45 @@ impl StateStore for PostgresStateStore {
     /// [`DOCTOR_SENTINEL_KEY`](faucet_core::state::DOCTOR_SENTINEL_KEY) inside
     /// a transaction that is rolled back, so no row is left behind even if
     /// the probe is interrupted). A failing probe carries a hint.
+    ///
+    /// A fenced store (see [`fence`](PostgresStateStore::fence)) adds a
+    /// `fence` probe, which fails once a newer instance claimed the scope,
+    /// naming its epoch.
     async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError> {
-        Ok(probe::run(&self.exec, &self.table, &self.sql, ctx).await)
+        let mut report = probe::run(&self.exec, &self.table, &self.sql, ctx).await;
+        if let Some(fence) = &self.fence {
+            let started = std::time::Instant::now();
+            let newest = tokio::time::timeout(ctx.timeout, self.newest_fence_epoch()).await;
+            report.probes.push(match newest {
+                Ok(Ok(Some(newest))) if newest == fence.epoch => {
+                    Probe::pass("fence", started.elapsed())
+                }
+                Ok(Ok(newest)) => Probe::fail_hint(
+                    "fence",
+                    started.elapsed(),
+                    format!(
+                        "scope '{}' was fenced by a newer instance (epoch {}); this store holds epoch {}",
+                        fence.scope,
+                        newest.map_or_else(|| "unknown: the fence row was deleted".to_owned(), |e| e.to_string()),
+                        fence.epoch
+                    ),
+                    "another instance owns the scope now: stop this one",
+                ),
+                Ok(Err(error)) => Probe::fail_hint(
+                    "fence",
+                    started.elapsed(),
+                    error.to_string(),
+                    "check the database",
+                ),
+                Err(_) => Probe::fail_hint(
+                    "fence",
+                    started.elapsed(),
+                    format!("no answer within {:?}", ctx.timeout),
+                    "check the database's health and latency",
+                ),
+            });
+        }
+        Ok(report)
     }
 
     #[cfg(feature = "faucet-core-1-16")]

@@ -39,6 +39,9 @@ pub(crate) struct Statements {
     table: String,
     /// `SET LOCAL statement_timeout = '…ms'; `, the prefix of every message.
     prelude: String,
+    /// A fenced store's guard (see `fence.rs`), sent before every write;
+    /// empty when the store is not fenced.
+    guard: String,
 }
 
 /// Appends `text` as an escape-string literal.
@@ -99,12 +102,38 @@ impl Statements {
                 "SET LOCAL statement_timeout = '{}ms'; ",
                 timeout_millis(statement_timeout)
             ),
+            guard: String::new(),
         }
+    }
+
+    /// The same statements, each write preceded by a fence's `guard`.
+    pub(crate) fn guarded(mut self, guard: String) -> Self {
+        self.guard = guard;
+        self
+    }
+
+    /// Whether writes carry a fence's guard.
+    pub(crate) fn is_guarded(&self) -> bool {
+        !self.guard.is_empty()
     }
 
     fn start(&self, capacity: usize) -> String {
         let mut sql = String::with_capacity(self.prelude.len() + 160 + capacity);
         sql.push_str(&self.prelude);
+        sql
+    }
+
+    /// The start of a message that writes: the prelude, then the guard.
+    fn start_write(&self, capacity: usize) -> String {
+        let mut sql = self.start(self.guard.len() + capacity);
+        sql.push_str(&self.guard);
+        sql
+    }
+
+    /// `body`, bounded by the statement timeout like every message.
+    pub(crate) fn bounded(&self, body: &str) -> String {
+        let mut sql = self.start(body.len());
+        sql.push_str(body);
         sql
     }
 
@@ -117,14 +146,14 @@ impl Statements {
 
     /// One upsert of `key` with the JSON text `value`.
     pub(crate) fn put(&self, key: &str, value: &str) -> String {
-        let mut sql = self.start(key.len() + value.len());
+        let mut sql = self.start_write(key.len() + value.len());
         self.push_put(&mut sql, key, value);
         sql
     }
 
     /// One delete of `key`.
     pub(crate) fn delete(&self, key: &str) -> String {
-        let mut sql = self.start(key.len());
+        let mut sql = self.start_write(key.len());
         self.push_delete(&mut sql, key);
         sql
     }
@@ -167,7 +196,7 @@ impl Statements {
             ([key], [value], []) => Some(self.put(key, value.as_ref())),
             ([], _, [key]) => Some(self.delete(key)),
             ([], _, deletes) => {
-                let mut sql = self.start(keys_bytes(deletes));
+                let mut sql = self.start_write(keys_bytes(deletes));
                 let _ = write!(sql, "DELETE FROM {} WHERE key = ANY(", self.table);
                 push_text_array(&mut sql, deletes);
                 sql.push(')');
@@ -177,7 +206,7 @@ impl Statements {
                 let size = keys_bytes(keys)
                     + keys_bytes(deletes)
                     + values.iter().map(|v| v.as_ref().len() + 6).sum::<usize>();
-                let mut sql = self.start(size);
+                let mut sql = self.start_write(size);
                 if !deletes.is_empty() {
                     let _ = write!(
                         sql,
@@ -224,7 +253,7 @@ impl Statements {
     /// condition on the newest row version if another transaction changed
     /// the row meanwhile. Returns one row if it wrote.
     pub(crate) fn compare_and_put(&self, key: &str, expected: Option<&str>, value: &str) -> String {
-        let mut sql = self.start(key.len() + value.len() + expected.map_or(0, str::len));
+        let mut sql = self.start_write(key.len() + value.len() + expected.map_or(0, str::len));
         match expected {
             None => {
                 let _ = write!(sql, "INSERT INTO {} (key, value) VALUES (", self.table);
@@ -248,6 +277,7 @@ impl Statements {
 
     /// Keys starting with the literal `prefix`, in byte order. `starts_with`
     /// compares characters, so `_` and `%` in a prefix are not wildcards.
+    /// Fence rows (`#…`, never a state key) are left out.
     pub(crate) fn list(&self, prefix: &str) -> String {
         let mut sql = self.start(prefix.len());
         let _ = write!(
@@ -256,7 +286,7 @@ impl Statements {
             self.table
         );
         push_literal(&mut sql, prefix);
-        sql.push_str(") ORDER BY key COLLATE \"C\"");
+        sql.push_str(") AND NOT starts_with(key, '#') ORDER BY key COLLATE \"C\"");
         sql
     }
 

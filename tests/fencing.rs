@@ -1,0 +1,210 @@
+//! Fencing against a real PostgreSQL: once a newer instance claims a scope,
+//! no write of an older claimant lands, whatever path it takes, and a write
+//! racing the claim lands before it or not at all.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use faucet_core::state::StateStore;
+use faucet_state_postgres::{CacheOptions, Durability, PostgresStateStore};
+use serde_json::json;
+use sqlx::Row;
+
+/// A store on its own pool (as a process would have), on `table`.
+async fn instance(table: &str) -> PostgresStateStore {
+    let store = PostgresStateStore::connect_with(&support::database_url(), 3, table)
+        .await
+        .unwrap();
+    store.ensure_table().await.unwrap();
+    store
+}
+
+fn assert_fenced(result: Result<impl std::fmt::Debug, faucet_core::FaucetError>, epoch: i64) {
+    let error = result.unwrap_err().to_string();
+    assert!(
+        error.contains(&format!("fenced by a newer instance (epoch {epoch})")),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_newer_claim_fences_every_write_of_the_older_instance() {
+    let table = support::unique_table("fence_plain");
+    let old = instance(&table).await.fence("orders").await.unwrap();
+    let first = old.fence_epoch().unwrap();
+    old.put("cursor", &json!(1)).await.unwrap();
+
+    let new = instance(&table).await.fence("orders").await.unwrap();
+    let newer = new.fence_epoch().unwrap();
+    assert_eq!(newer, first + 1);
+
+    assert_fenced(old.put("cursor", &json!(2)).await, newer);
+    assert_fenced(old.delete("cursor").await, newer);
+    assert_fenced(
+        old.put_many(&[("cursor", json!(3)), ("b", json!(3))]).await,
+        newer,
+    );
+    assert_fenced(old.delete_many(&["cursor", "b"]).await, newer);
+    assert_fenced(
+        old.compare_and_put("cursor", Some(&json!(1)), &json!(4))
+            .await,
+        newer,
+    );
+    assert_fenced(old.compare_and_put("fresh", None, &json!(4)).await, newer);
+    assert_fenced(
+        old.put_batch(&[("cursor".to_owned(), json!(5))]).await,
+        newer,
+    );
+    // Reads are not fenced.
+    assert_eq!(old.get("cursor").await.unwrap(), Some(json!(1)));
+
+    new.put("cursor", &json!(10)).await.unwrap();
+    assert_eq!(new.get("cursor").await.unwrap(), Some(json!(10)));
+
+    let report = old.check(&Default::default()).await.unwrap();
+    let fence = report.probes.iter().find(|p| p.name == "fence").unwrap();
+    assert!(
+        matches!(fence.status, faucet_core::check::ProbeStatus::Fail { .. }),
+        "{report:?}"
+    );
+    assert!(
+        format!("{fence:?}").contains(&format!("epoch {newer}")),
+        "{fence:?}"
+    );
+    let report = new.check(&Default::default()).await.unwrap();
+    assert_eq!(report.failed_count(), 0, "{report:?}");
+
+    // Other scopes, and stores that are not fenced, are untouched; the
+    // fence row is not a state key.
+    let other = instance(&table).await.fence("invoices").await.unwrap();
+    other.put("invoices::cursor", &json!(1)).await.unwrap();
+    let unfenced = instance(&table).await;
+    unfenced.put("plain", &json!(1)).await.unwrap();
+    assert_eq!(
+        unfenced.list("").await.unwrap(),
+        ["cursor", "invoices::cursor", "plain"]
+    );
+    assert!(instance(&table).await.fence("not a scope").await.is_err());
+}
+
+/// The claim waits for a write already past its guard; a write after the
+/// claim is refused. Ordering is observed on the server (`pg_stat_activity`),
+/// not by sleeping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_racing_a_claim_lands_before_it_or_not_at_all() {
+    let table = support::unique_table("fence_race");
+    let old = Arc::new(instance(&table).await.fence("orders").await.unwrap());
+    old.put("cursor", &json!(1)).await.unwrap();
+
+    // A third session locks the row, so the old instance's write holds its
+    // guard's share lock on the fence row while it waits for this one.
+    let blocker = sqlx::PgPool::connect(&support::database_url())
+        .await
+        .unwrap();
+    let mut locked = blocker.begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM \"{table}\" WHERE key = 'cursor' FOR UPDATE"
+    ))
+    .execute(&mut *locked)
+    .await
+    .unwrap();
+
+    let write = tokio::spawn({
+        let old = old.clone();
+        async move { old.put("cursor", &json!(2)).await }
+    });
+    wait_for_lock_waiters(&blocker, &table, 1).await;
+    let claim = tokio::spawn({
+        let table = table.clone();
+        async move { instance(&table).await.fence("orders").await }
+    });
+    wait_for_lock_waiters(&blocker, &table, 2).await;
+    assert!(
+        !claim.is_finished(),
+        "the claim did not wait for the write in flight"
+    );
+
+    locked.commit().await.unwrap();
+    write.await.unwrap().unwrap(); // it was past its guard: it came first
+    let new = claim.await.unwrap().unwrap();
+    assert_eq!(new.get("cursor").await.unwrap(), Some(json!(2)));
+    assert_fenced(
+        old.put("cursor", &json!(3)).await,
+        new.fence_epoch().unwrap(),
+    );
+    assert_eq!(new.get("cursor").await.unwrap(), Some(json!(2)));
+}
+
+/// Waits until `n` statements on `table` wait for a lock.
+async fn wait_for_lock_waiters(pool: &sqlx::PgPool, table: &str, n: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = sqlx::query(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND strpos(query, $1) > 0",
+        )
+        .bind(table)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if row.get::<i64, _>(0) >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {n} lock waiters on {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_fenced_cached_store_never_writes_what_it_buffered() {
+    for durability in [
+        Durability::WriteThrough,
+        Durability::GroupCommit,
+        Durability::WriteBehind,
+    ] {
+        let table = support::unique_table("fence_cached");
+        let options = CacheOptions::new()
+            .durability(durability)
+            .flush_interval(Duration::from_secs(3600));
+        let old = instance(&table)
+            .await
+            .fence("orders")
+            .await
+            .unwrap()
+            .cached(options)
+            .unwrap();
+        old.put("cursor", &json!(1)).await.unwrap();
+        old.flush().await.unwrap();
+        if durability == Durability::WriteBehind {
+            old.put("cursor", &json!(2)).await.unwrap(); // buffered
+        }
+
+        let new = instance(&table).await.fence("orders").await.unwrap();
+        let newer = new.fence_epoch().unwrap();
+        new.put("cursor", &json!(10)).await.unwrap();
+
+        match durability {
+            Durability::WriteBehind => assert_fenced(old.flush().await, newer),
+            _ => assert_fenced(old.put("cursor", &json!(2)).await, newer),
+        }
+        // From then on every write is refused at once, and says why.
+        assert_fenced(old.put("other", &json!(1)).await, newer);
+        assert_fenced(old.delete("cursor").await, newer);
+        assert_fenced(old.compare_and_put("cursor", None, &json!(1)).await, newer);
+        let report = old.check(&Default::default()).await.unwrap();
+        assert!(report.failed_count() >= 1, "{report:?}");
+        assert_fenced(old.shutdown().await, newer);
+
+        assert_eq!(
+            new.get("cursor").await.unwrap(),
+            Some(json!(10)),
+            "{durability:?}"
+        );
+        assert_eq!(new.get("other").await.unwrap(), None, "{durability:?}");
+    }
+}
