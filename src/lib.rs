@@ -184,6 +184,14 @@
 //!     entries are dropped, so the next read goes to the table.
 //!     `put_batch` is one statement: all or nothing, validation included.
 //!     *(`tests/atomic_ops.rs`, the conformance suite's `claim_race`)*
+//! 13. **Fencing.** Over a plain store opened with
+//!     [`fence(scope)`](PostgresStateStore::fence), once a newer instance has
+//!     claimed the scope no write of this store lands: each write checks the
+//!     scope's epoch in its own transaction, under a share lock the claim
+//!     waits for, so a write racing the claim commits before it or not at
+//!     all. The first fenced batch stops the flusher; nothing it had buffered
+//!     is ever written, every later write is refused naming the newer epoch,
+//!     and `check()` fails. *(`tests/fencing.rs`)*
 //!
 //! In group-commit mode a `put` whose batch fails returns the error, but the
 //! write stays queued and is retried like any dirty entry: an `Err` means

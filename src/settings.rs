@@ -90,6 +90,10 @@ pub struct PostgresStateConfig {
     /// transaction mode before 1.21); see
     /// [`PostgresStateStore::with_prepared_statements`]. Default `false`.
     pub prepared_statements: bool,
+    /// Claim this fence scope (the pipeline's name, say) when connecting,
+    /// fencing every earlier instance that claimed it; see
+    /// [`PostgresStateStore::fence`]. Default: none (not fenced).
+    pub fence: Option<String>,
 }
 
 impl Default for PostgresStateConfig {
@@ -114,6 +118,7 @@ impl Default for PostgresStateConfig {
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             prepared_statements: false,
+            fence: None,
         }
     }
 }
@@ -138,6 +143,10 @@ impl PostgresStateConfig {
             return Err(FaucetError::Config(
                 "max_value_bytes must be at least 1".to_owned(),
             ));
+        }
+        if let Some(scope) = &self.fence {
+            faucet_core::state::validate_state_key(scope)
+                .map_err(|e| FaucetError::Config(format!("invalid fence scope {scope:?}: {e}")))?;
         }
         self.cache_options().validate()?;
         Ok(())
@@ -172,6 +181,10 @@ impl PostgresStateConfig {
         if self.ensure_table {
             plain.ensure_table().await?;
         }
+        let plain = match &self.fence {
+            Some(scope) => plain.fence(scope).await?,
+            None => plain,
+        };
         plain.cached(self.cache_options())
     }
 }
@@ -201,6 +214,7 @@ impl fmt::Debug for PostgresStateConfig {
             .field("max_value_bytes", &self.max_value_bytes)
             .field("statement_timeout", &self.statement_timeout)
             .field("prepared_statements", &self.prepared_statements)
+            .field("fence", &self.fence)
             .finish()
     }
 }

@@ -115,6 +115,7 @@ fn mistakes_are_refused_with_the_field_and_the_rule() {
             "max_value_bytes must be at least 1",
         ),
         ("table", json!("bad-name"), "invalid table name"),
+        ("fence", json!("not a scope"), "invalid fence scope"),
     ] {
         let mut value_json = base.clone();
         value_json[field] = value;
@@ -155,10 +156,15 @@ async fn a_config_builds_a_working_store() {
         "mode": "write_behind",
         "flush_interval": "50ms",
         "max_value_bytes": 1024,
-        "statement_timeout": "5s"
+        "statement_timeout": "5s",
+        "fence": "settings-pipeline"
     }))
     .unwrap();
     let store = config.connect().await.unwrap();
+    let epoch = store
+        .backend()
+        .fence_epoch()
+        .expect("the scope was claimed");
     store.put("k", &json!({"from": "config"})).await.unwrap();
     assert!(store.put("big", &json!("x".repeat(2000))).await.is_err());
     store.shutdown().await.unwrap();
@@ -169,4 +175,15 @@ async fn a_config_builds_a_working_store() {
     assert_eq!(store.options().get_durability(), Durability::WriteBehind);
     assert_eq!(store.options().get_name(), config.table);
     assert_eq!(store.backend().statement_timeout(), Duration::from_secs(5));
+    // A second instance from the same file fences the first.
+    let newer = config.connect().await.unwrap();
+    assert_eq!(newer.backend().fence_epoch(), Some(epoch + 1));
+    newer.put("k", &json!(2)).await.unwrap();
+    newer.shutdown().await.unwrap();
+    let refused = store.backend().put("k", &json!(1)).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("fenced by a newer instance"),
+        "{refused}"
+    );
+    assert_eq!(newer.backend().get("k").await.unwrap(), Some(json!(2)));
 }
