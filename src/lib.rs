@@ -191,7 +191,9 @@
 //!     waits for, so a write racing the claim commits before it or not at
 //!     all. The first fenced batch stops the flusher; nothing it had buffered
 //!     is ever written, every later write is refused naming the newer epoch,
-//!     and `check()` fails. *(`tests/fencing.rs`)*
+//!     and `check()` fails. *(`tests/fencing.rs`; `tests/faults_zombie.rs`:
+//!     an instance stopped with SIGSTOP mid-batch, then resumed after a newer
+//!     claim, in real processes)*
 //!
 //! In group-commit mode a `put` whose batch fails returns the error, but the
 //! write stays queued and is retried like any dirty entry: an `Err` means
