@@ -171,6 +171,7 @@ pub struct CacheOptions {
     cache_capacity: usize,
     shutdown_timeout: Duration,
     retry_backoff_max: Duration,
+    listen_for_changes: bool,
 }
 
 impl Default for CacheOptions {
@@ -188,6 +189,7 @@ impl Default for CacheOptions {
             cache_capacity: 100_000,
             shutdown_timeout: Duration::from_secs(30),
             retry_backoff_max: Duration::from_secs(5),
+            listen_for_changes: false,
         }
     }
 }
@@ -271,6 +273,16 @@ option_accessors! {
     /// Cap of the flusher's exponential backoff after a failed batch. Must be
     /// greater than zero.
     retry_backoff_max / get_retry_backoff_max: Duration;
+    /// Keep the read cache coherent with every other writer of the storage
+    /// (other processes, plain stores, an operator's SQL): the store listens
+    /// for the backend's change notifications and drops each changed key's
+    /// clean entry; while it is not listening (at start, after a lost
+    /// connection) clean entries are not served and reads go to the
+    /// storage. Off by default. Needs a backend that publishes changes: for
+    /// PostgreSQL, call [`ensure_change_notifications`](crate::PostgresStateStore::ensure_change_notifications)
+    /// once, and connect directly (LISTEN does not work through a
+    /// transaction pooler).
+    listen_for_changes / get_listen_for_changes: bool;
 }
 
 impl CacheOptions {

@@ -288,11 +288,12 @@ mod test_hooks;
 
 // The modules by their short names, so that every file refers to a sibling
 // the same way whichever folder it lives in.
-use engine::{backend, cache, cached, flusher, holds, memory, report, stats};
-use postgres::{codec, connect, exec, fence, pg, probe, reserve, schema, session, sql};
+use engine::{backend, cache, cached, changes, flusher, holds, memory, report, stats};
+use postgres::{codec, connect, exec, fence, notify, pg, probe, reserve, schema, session, sql};
 
 pub use backend::{BatchError, StateBackend};
 pub use cached::CachedStateStore;
+pub use changes::{Change, ChangeFeed};
 pub use codec::{ENVELOPE_KEY, MAX_DEPTH};
 pub use config::{
     CacheOptions, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_VALUE_BYTES,

@@ -16,6 +16,7 @@ use faucet_core::state::{StateStore, validate_state_key};
 use serde_json::Value;
 
 use crate::PostgresStateStore;
+use crate::changes::ChangeFeed;
 use crate::codec;
 
 /// Storage under a [`CachedStateStore`](crate::CachedStateStore).
@@ -77,6 +78,14 @@ pub trait StateBackend: Send + Sync + 'static {
 
     /// The `faucet doctor` probe of the storage.
     async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError>;
+
+    /// A feed of changes made to the storage by any writer, for
+    /// [`listen_for_changes`](crate::CacheOptions::listen_for_changes);
+    /// `None` (the default) when the storage publishes none. Called once,
+    /// when the store is built; the feed subscribes on its first `next`.
+    fn change_feed(&self) -> Option<Box<dyn ChangeFeed>> {
+        None
+    }
 }
 
 /// Why a [`StateBackend::write_batch`] failed, which decides what the engine
@@ -181,5 +190,14 @@ impl StateBackend for PostgresStateStore {
 
     async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError> {
         StateStore::check(self, ctx).await
+    }
+
+    /// `LISTEN` on a connection of its own (taken from the store's pool),
+    /// for the notifications of [`ensure_change_notifications`](PostgresStateStore::ensure_change_notifications).
+    fn change_feed(&self) -> Option<Box<dyn ChangeFeed>> {
+        Some(Box::new(crate::notify::PgChangeFeed::new(
+            self.pool().clone(),
+            self.table(),
+        )))
     }
 }

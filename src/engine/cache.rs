@@ -216,6 +216,9 @@ pub(crate) struct Cache {
     capacity: usize,
     /// Keys no write may be staged for (see `holds.rs`).
     holds: Holds,
+    /// Clean entries may be served (see `changes.rs`, invariant 1); always
+    /// true for a store that does not listen for changes.
+    vouched: std::sync::atomic::AtomicBool,
 }
 
 impl Cache {
@@ -232,6 +235,7 @@ impl Cache {
             room: Semaphore::new(max_pending.min(Semaphore::MAX_PERMITS)),
             capacity,
             holds: Holds::default(),
+            vouched: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -255,7 +259,10 @@ impl Cache {
         let stamp = self.write_stamps[stripe].load(Ordering::SeqCst);
         #[cfg(test)]
         crate::test_hooks::reached("lookup: between the stamp and the slot");
-        if let Some(slot) = self.slots.get(key) {
+        if let Some(slot) = self.slots.get(key)
+            && (matches!(slot.state, SlotState::Dirty { .. })
+                || self.vouched.load(Ordering::SeqCst))
+        {
             counters.hit();
             return Lookup::Hit(slot.value.clone());
         }
@@ -272,7 +279,7 @@ impl Cache {
         ticket: FillTicket,
         counters: &Counters,
     ) {
-        if self.capacity == 0 {
+        if self.capacity == 0 || !self.vouched.load(Ordering::SeqCst) {
             return;
         }
         let stamp = self.next_stamp();
@@ -666,6 +673,26 @@ impl Cache {
         if removed.is_some() {
             self.clean_count.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    /// Whether clean entries may be served (see `changes.rs`).
+    pub(crate) fn set_vouched(&self, vouched: bool) {
+        self.vouched.store(vouched, Ordering::SeqCst);
+    }
+
+    /// Drops every clean entry. Every stripe's stamp moves first, so that no
+    /// read begun before this point caches what it read (invariant 4).
+    pub(crate) fn drop_clean_entries(&self) {
+        for stamp in self.write_stamps.iter() {
+            stamp.fetch_add(1, Ordering::SeqCst);
+        }
+        let mut dropped = 0;
+        self.slots.retain(|_, slot| {
+            let clean = matches!(slot.state, SlotState::Clean { .. });
+            dropped += usize::from(clean);
+            !clean
+        });
+        self.clean_count.fetch_sub(dropped, Ordering::SeqCst);
     }
 
     /// Queues a clean key for eviction and evicts the oldest clean entries

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::PostgresStateStore;
 use crate::backend::{BatchError, StateBackend};
 use crate::cache::{Cache, Lookup, STRIPES, StageError, Stored};
+use crate::changes;
 use crate::config::{CacheOptions, Durability};
 use crate::flusher::{self, Engine, RoundOutcome, WriteOutcome, deadline_after};
 use crate::lock::lock;
@@ -69,6 +70,9 @@ const ABORT_GRACE: Duration = Duration::from_millis(100);
 pub struct CachedStateStore<B: StateBackend = PostgresStateStore> {
     pub(super) engine: Arc<Engine<B>>,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    /// Applies the backend's change feed to the cache (`changes.rs`), with
+    /// `listen_for_changes`; aborted when the store is dropped.
+    listener: Option<JoinHandle<()>>,
     /// Set by `shutdown`: later writes are refused.
     closed: AtomicBool,
     /// Writes between their `closed` check and the end of staging; shutdown
@@ -104,11 +108,28 @@ impl<B: StateBackend> CachedStateStore<B> {
                     .to_owned(),
             )
         })?;
+        let feed = if options.get_listen_for_changes() {
+            Some(backend.change_feed().ok_or_else(|| {
+                FaucetError::Config(
+                    "listen_for_changes: this backend publishes no changes; turn the option off"
+                        .to_owned(),
+                )
+            })?)
+        } else {
+            None
+        };
         let engine = Arc::new(Engine::new(backend, options));
         let flusher = runtime.spawn(flusher::run(engine.clone()));
+        let listener = feed.map(|feed| {
+            // Invariant 1 of `changes.rs`: nothing clean is served until the
+            // feed is subscribed.
+            engine.cache.set_vouched(false);
+            runtime.spawn(changes::listen(engine.clone(), feed))
+        });
         Ok(Self {
             engine,
             flusher: Mutex::new(Some(flusher)),
+            listener,
             closed: AtomicBool::new(false),
             writers: AtomicUsize::new(0),
             write_through_locks: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -644,6 +665,9 @@ impl<B: StateBackend> Drop for CachedStateStore<B> {
     /// here (no await in `drop`): warn with their count, and stop the flusher
     /// so the task does not outlive the store.
     fn drop(&mut self) {
+        if let Some(listener) = self.listener.take() {
+            listener.abort();
+        }
         // Nothing is sent after this: the flusher checks the flag before each
         // batch, and the abort ends it at its next await.
         self.engine.abandoned.store(true, Ordering::SeqCst);

@@ -6,6 +6,7 @@ pub(crate) mod atomic;
 pub(crate) mod backend;
 pub(crate) mod cache;
 pub(crate) mod cached;
+pub(crate) mod changes;
 pub(crate) mod flusher;
 pub(crate) mod holds;
 pub(crate) mod memory;

@@ -5,6 +5,7 @@ pub(crate) mod codec;
 pub(crate) mod connect;
 pub(crate) mod exec;
 pub(crate) mod fence;
+pub(crate) mod notify;
 pub(crate) mod pg;
 pub(crate) mod probe;
 pub(crate) mod reserve;

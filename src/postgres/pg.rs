@@ -157,6 +157,29 @@ impl PostgresStateStore {
         }
     }
 
+    /// Installs the triggers that publish every change of this table (by
+    /// any writer: this crate's stores, other versions, an operator's SQL)
+    /// as a PostgreSQL notification, which cached stores built with
+    /// [`listen_for_changes`](crate::CacheOptions::listen_for_changes) use to
+    /// drop stale entries. Idempotent; needs the right to create functions
+    /// and triggers. Every writer of the table then sends one `NOTIFY` per
+    /// statement, delivered at commit (see the README for what that costs).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), faucet_core::FaucetError> {
+    /// use faucet_state_postgres::{CacheOptions, PostgresStateStore};
+    /// let plain = PostgresStateStore::connect("postgres://app:secret@localhost/app").await?;
+    /// plain.ensure_table().await?;
+    /// plain.ensure_change_notifications().await?;
+    /// let store = plain.cached(CacheOptions::new().listen_for_changes(true))?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn ensure_change_notifications(&self) -> Result<(), FaucetError> {
+        let sql = self.sql.bounded(&crate::notify::install_sql(&self.table));
+        self.run("ensure_change_notifications", &sql).await?;
+        Ok(())
+    }
+
     /// Claims `scope` for this store, fencing every earlier claimant: from
     /// now on a write of a store that claimed `scope` before lands only
     /// while no newer claim exists, checked in the write's own transaction.
