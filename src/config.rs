@@ -146,6 +146,7 @@ pub enum Durability {
 /// | [`cache_capacity`](Self::cache_capacity) | 100,000 | most clean (persisted) entries kept for reads |
 /// | [`shutdown_timeout`](Self::shutdown_timeout) | 30 s | how long `shutdown()` keeps retrying to persist dirty keys |
 /// | [`retry_backoff_max`](Self::retry_backoff_max) | 5 s | cap of the flusher's exponential backoff after a failed batch (it starts at 50 ms) |
+/// | [`listen_for_changes`](Self::listen_for_changes) | off | drop cached entries that any other writer changed, as the backend notifies them; serve clean entries only while listening |
 ///
 /// ```
 /// use std::time::Duration;

@@ -194,6 +194,17 @@
 //!     and `check()` fails. *(`tests/fencing.rs`; `tests/faults_zombie.rs`:
 //!     an instance stopped with SIGSTOP mid-batch, then resumed after a newer
 //!     claim, in real processes)*
+//! 14. **Coherence across writers** (with
+//!     [`listen_for_changes`](CacheOptions::listen_for_changes), over a table
+//!     with [`ensure_change_notifications`](PostgresStateStore::ensure_change_notifications)).
+//!     A change committed by any writer (another process, a plain store, an
+//!     operator's SQL, a truncate) drops the key's clean entry when its
+//!     notification arrives, so reads return it from then on. Clean entries
+//!     are served only while the store is listening: before it first
+//!     subscribes and from a lost connection until it has subscribed again,
+//!     reads go to the table, and every clean entry is dropped on each
+//!     (re)subscription. This store's own pending writes are never dropped by
+//!     a notification. *(`tests/coherence.rs`)*
 //!
 //! In group-commit mode a `put` whose batch fails returns the error, but the
 //! write stays queued and is retried like any dirty entry: an `Err` means
