@@ -146,6 +146,7 @@ pub enum Durability {
 /// | [`cache_capacity`](Self::cache_capacity) | 100,000 | most clean (persisted) entries kept for reads |
 /// | [`shutdown_timeout`](Self::shutdown_timeout) | 30 s | how long `shutdown()` keeps retrying to persist dirty keys |
 /// | [`retry_backoff_max`](Self::retry_backoff_max) | 5 s | cap of the flusher's exponential backoff after a failed batch (it starts at 50 ms) |
+/// | [`cache_ttl`](Self::cache_ttl) | off (`Duration::MAX`) | longest a clean entry is served: every `cache_ttl` all clean entries are dropped |
 /// | [`listen_for_changes`](Self::listen_for_changes) | off | drop cached entries that any other writer changed, as the backend notifies them; serve clean entries only while listening |
 ///
 /// ```
@@ -173,6 +174,7 @@ pub struct CacheOptions {
     shutdown_timeout: Duration,
     retry_backoff_max: Duration,
     listen_for_changes: bool,
+    cache_ttl: Duration,
 }
 
 impl Default for CacheOptions {
@@ -191,6 +193,7 @@ impl Default for CacheOptions {
             shutdown_timeout: Duration::from_secs(30),
             retry_backoff_max: Duration::from_secs(5),
             listen_for_changes: false,
+            cache_ttl: Duration::MAX,
         }
     }
 }
@@ -284,6 +287,14 @@ option_accessors! {
     /// once, and connect directly (LISTEN does not work through a
     /// transaction pooler).
     listen_for_changes / get_listen_for_changes: bool;
+    /// Bounds how stale a read can be where change notifications are not
+    /// available (a role that may not create the triggers, a transaction
+    /// pooler): every `cache_ttl`, every clean entry is dropped, so no
+    /// value read from the storage is served for longer than that, and each
+    /// key is read again at most once per period. `Duration::MAX` (the
+    /// default) turns it off. Must be greater than zero. Dirty entries, this
+    /// store's own newer writes, are kept.
+    cache_ttl / get_cache_ttl: Duration;
 }
 
 impl CacheOptions {
@@ -319,6 +330,8 @@ impl CacheOptions {
             Some("max_batch_bytes must be at least 1")
         } else if self.concurrent_batches == 0 {
             Some("concurrent_batches must be at least 1")
+        } else if self.cache_ttl.is_zero() {
+            Some("cache_ttl must be greater than zero")
         } else if self.max_pending == 0 {
             Some("max_pending must be at least 1")
         } else if self.retry_backoff_max.is_zero() {

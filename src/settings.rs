@@ -94,6 +94,14 @@ pub struct PostgresStateConfig {
     /// fencing every earlier instance that claimed it; see
     /// [`PostgresStateStore::fence`]. Default: none (not fenced).
     pub fence: Option<String>,
+    /// Keep the read cache coherent with other writers; see
+    /// [`CacheOptions::listen_for_changes`]. With `ensure_table`, the
+    /// change-notification triggers are installed too. Default `false`.
+    pub listen_for_changes: bool,
+    /// Longest a clean entry is served; see [`CacheOptions::cache_ttl`].
+    /// Default: none.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Option<Duration>,
 }
 
 impl Default for PostgresStateConfig {
@@ -119,6 +127,8 @@ impl Default for PostgresStateConfig {
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             prepared_statements: false,
             fence: None,
+            listen_for_changes: false,
+            cache_ttl: None,
         }
     }
 }
@@ -167,6 +177,8 @@ impl PostgresStateConfig {
             .cache_capacity(self.cache_capacity)
             .shutdown_timeout(self.shutdown_timeout)
             .retry_backoff_max(self.retry_backoff_max)
+            .listen_for_changes(self.listen_for_changes)
+            .cache_ttl(self.cache_ttl.unwrap_or(Duration::MAX))
     }
 
     /// Validates, connects, creates the table if asked to, and starts the
@@ -180,6 +192,9 @@ impl PostgresStateConfig {
             .with_prepared_statements(self.prepared_statements);
         if self.ensure_table {
             plain.ensure_table().await?;
+            if self.listen_for_changes {
+                plain.ensure_change_notifications().await?;
+            }
         }
         let plain = match &self.fence {
             Some(scope) => plain.fence(scope).await?,
@@ -215,6 +230,8 @@ impl fmt::Debug for PostgresStateConfig {
             .field("statement_timeout", &self.statement_timeout)
             .field("prepared_statements", &self.prepared_statements)
             .field("fence", &self.fence)
+            .field("listen_for_changes", &self.listen_for_changes)
+            .field("cache_ttl", &self.cache_ttl)
             .finish()
     }
 }

@@ -803,3 +803,27 @@ async fn list_merges_stored_keys_with_pending_writes() {
     assert!(store.list("bad prefix").await.is_err());
     store.shutdown().await.unwrap();
 }
+
+/// `cache_ttl`: a value another writer changed is served at most that long.
+#[tokio::test(start_paused = true)]
+async fn cache_ttl_bounds_how_long_a_clean_entry_is_served() {
+    let options = write_behind().cache_ttl(Duration::from_millis(100));
+    let (backend, store) = store_with(options);
+    backend.insert_row("k", json!(1));
+    assert_eq!(store.get("k").await.unwrap(), Some(json!(1)));
+    backend.insert_row("k", json!(2)); // another writer
+    assert_eq!(store.get("k").await.unwrap(), Some(json!(1)), "cached");
+    store.put("mine", &json!("pending")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(store.get("k").await.unwrap(), Some(json!(2)));
+    // This store's own pending write is not dropped.
+    assert_eq!(store.get("mine").await.unwrap(), Some(json!("pending")));
+    assert!(
+        CachedStateStore::new(
+            Arc::new(MemoryBackend::new()),
+            CacheOptions::new().cache_ttl(Duration::ZERO)
+        )
+        .is_err()
+    );
+    store.shutdown().await.unwrap();
+}

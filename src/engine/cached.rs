@@ -70,9 +70,10 @@ const ABORT_GRACE: Duration = Duration::from_millis(100);
 pub struct CachedStateStore<B: StateBackend = PostgresStateStore> {
     pub(super) engine: Arc<Engine<B>>,
     flusher: Mutex<Option<JoinHandle<()>>>,
-    /// Applies the backend's change feed to the cache (`changes.rs`), with
-    /// `listen_for_changes`; aborted when the store is dropped.
-    listener: Option<JoinHandle<()>>,
+    /// The change-feed listener (`listen_for_changes`, see `changes.rs`)
+    /// and the `cache_ttl` sweeper, if configured; aborted when the store is
+    /// dropped.
+    background: Vec<JoinHandle<()>>,
     /// Set by `shutdown`: later writes are refused.
     closed: AtomicBool,
     /// Writes between their `closed` check and the end of staging; shutdown
@@ -120,16 +121,27 @@ impl<B: StateBackend> CachedStateStore<B> {
         };
         let engine = Arc::new(Engine::new(backend, options));
         let flusher = runtime.spawn(flusher::run(engine.clone()));
-        let listener = feed.map(|feed| {
+        let mut background = Vec::new();
+        if let Some(feed) = feed {
             // Invariant 1 of `changes.rs`: nothing clean is served until the
             // feed is subscribed.
             engine.cache.set_vouched(false);
-            runtime.spawn(changes::listen(engine.clone(), feed))
-        });
+            background.push(runtime.spawn(changes::listen(engine.clone(), feed)));
+        }
+        let ttl = engine.options.get_cache_ttl();
+        if ttl != Duration::MAX {
+            let engine = engine.clone();
+            background.push(runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl).await;
+                    engine.cache.drop_clean_entries();
+                }
+            }));
+        }
         Ok(Self {
             engine,
             flusher: Mutex::new(Some(flusher)),
-            listener,
+            background,
             closed: AtomicBool::new(false),
             writers: AtomicUsize::new(0),
             write_through_locks: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -665,8 +677,8 @@ impl<B: StateBackend> Drop for CachedStateStore<B> {
     /// here (no await in `drop`): warn with their count, and stop the flusher
     /// so the task does not outlive the store.
     fn drop(&mut self) {
-        if let Some(listener) = self.listener.take() {
-            listener.abort();
+        for task in self.background.drain(..) {
+            task.abort();
         }
         // Nothing is sent after this: the flusher checks the flag before each
         // batch, and the abort ends it at its next await.
