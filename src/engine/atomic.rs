@@ -31,6 +31,7 @@ use crate::backend::{BatchError, StateBackend};
 use crate::cache::{Cache, Stored, WriteStatus};
 use crate::cached::CachedStateStore;
 use crate::flusher::RoundOutcome;
+use crate::stats::Counters;
 
 impl<B: StateBackend> CachedStateStore<B> {
     /// Writes `value` under `key` only while the key's current value equals
@@ -93,7 +94,7 @@ impl<B: StateBackend> CachedStateStore<B> {
                     ))
                 })?;
             if wrote {
-                held.committed(&[(key, stored)], &self.engine);
+                held.committed(&[(key, stored)], &self.engine.counters);
             }
             // Not written: the table disagreed with whatever is cached, so
             // the guard drops the entry as it goes.
@@ -162,7 +163,7 @@ impl<B: StateBackend> CachedStateStore<B> {
             match self.engine.backend.write_batch(&upserts, &[]).await {
                 Ok(()) => {
                     let written: Vec<(&str, Stored)> = latest.into_iter().collect();
-                    held.committed(&written, &self.engine);
+                    held.committed(&written, &self.engine.counters);
                     Ok(())
                 }
                 Err(BatchError::Refused(error)) => {
@@ -215,8 +216,8 @@ impl<B: StateBackend> CachedStateStore<B> {
         for &key in keys {
             let pending = self.engine.cache.hold(key);
             held.keys.push(key);
-            if let Some(pending) = pending {
-                held.pending.push((key, pending.version));
+            if let Some(version) = pending {
+                held.pending.push((key, version));
             }
         }
         held
@@ -226,7 +227,7 @@ impl<B: StateBackend> CachedStateStore<B> {
     /// keys are committed, or the operation fails with nothing sent.
     async fn settle(&self, held: &Held<'_>, operation: &str) -> Result<(), FaucetError> {
         let cache = &self.engine.cache;
-        let all_durable = |cache: &Cache| -> Result<bool, FaucetError> {
+        let all_durable = || -> Result<bool, FaucetError> {
             let mut durable = true;
             for &(key, version) in &held.pending {
                 match cache.write_status(key, version) {
@@ -243,7 +244,7 @@ impl<B: StateBackend> CachedStateStore<B> {
             }
             Ok(durable)
         };
-        if all_durable(cache)? {
+        if all_durable()? {
             return Ok(());
         }
         let failed = |why: &str| {
@@ -257,7 +258,7 @@ impl<B: StateBackend> CachedStateStore<B> {
             RoundOutcome::Failed(error) => return Err(failed(&error)),
             RoundOutcome::Stopped => return Err(failed("the flusher has stopped")),
         }
-        if all_durable(cache)? {
+        if all_durable()? {
             Ok(())
         } else {
             // Unreachable by the flusher's argument (every write made before
@@ -285,14 +286,9 @@ struct Held<'a> {
 
 impl Held<'_> {
     /// The operation committed these values of its keys.
-    fn committed<B: StateBackend>(
-        &mut self,
-        written: &[(&str, Stored)],
-        engine: &crate::flusher::Engine<B>,
-    ) {
+    fn committed(&mut self, written: &[(&str, Stored)], counters: &Counters) {
         for (key, stored) in written {
-            self.cache
-                .store_clean(key, Some(stored.clone()), &engine.counters);
+            self.cache.store_clean(key, Some(stored.clone()), counters);
         }
         self.trusted = true;
     }

@@ -646,14 +646,17 @@ impl Cache {
     }
 
     /// Holds `key` against writes until [`release`](Self::release) (see
-    /// `holds.rs`). Returns the key's pending write, if it has one: with the
-    /// hold in place, it is the newest write this store will make of the
-    /// key until the release.
-    pub(crate) fn hold(&self, key: &str) -> Option<DirtyEntry> {
+    /// `holds.rs`). Returns the version of the key's pending write, if it
+    /// has one: with the hold in place, it is the newest write this store
+    /// will make of the key until the release.
+    pub(crate) fn hold(&self, key: &str) -> Option<u64> {
         self.holds.hold(Key::from(key));
-        // Taken after the hold: a write that did not see the hold has
+        // Looked at after the hold: a write that did not see the hold has
         // finished with the slot before this look.
-        self.dirty_entry(key)
+        match self.slots.get(key)?.state {
+            SlotState::Dirty { version } => Some(version),
+            SlotState::Clean { .. } => None,
+        }
     }
 
     pub(crate) fn release(&self, key: &str) {

@@ -393,6 +393,7 @@ impl<B: StateBackend> CachedStateStore<B> {
         // cooperative budget makes such a writer yield now and then.
         tokio::task::consume_budget().await;
         let mut stored = stored;
+        let put_timeout = self.engine.options.get_put_timeout();
         let (staged, rounds_before) = loop {
             // Group commit: only rounds started after this point can carry
             // the write (see `Engine::wait_for_write`).
@@ -400,7 +401,6 @@ impl<B: StateBackend> CachedStateStore<B> {
                 Durability::GroupCommit => self.engine.cache.rounds_started(),
                 _ => 0,
             };
-            let put_timeout = self.engine.options.get_put_timeout();
             match self.engine.cache.stage(key, stored, put_timeout).await {
                 Ok(staged) => break (staged, rounds_before),
                 Err(StageError::Full) => return Err(report::full_error(&self.engine, key)),

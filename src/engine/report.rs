@@ -105,8 +105,6 @@ pub(crate) fn full_error<B: StateBackend>(engine: &Engine<B>, key: &str) -> Fauc
     ))
 }
 
-/// The `flusher` probe: running, its last round committed, and the
-/// oldest unpersisted write younger than `2 × flush_interval + 10 s`.
 /// A write refused because the store was fenced (see `BatchError::Fenced`).
 pub(crate) fn fenced_error<B: StateBackend>(
     engine: &Engine<B>,
@@ -120,6 +118,8 @@ pub(crate) fn fenced_error<B: StateBackend>(
     ))
 }
 
+/// The `flusher` probe: running, its last round committed, and the
+/// oldest unpersisted write younger than `2 × flush_interval + 10 s`.
 pub(crate) fn flusher_probe<B: StateBackend>(engine: &Engine<B>) -> Probe {
     let progress = engine.progress.borrow().clone();
     let dirty = engine.cache.dirty_len();

@@ -479,8 +479,7 @@ impl PostgresStateStore {
             .map(|expected| codec::encode(key, expected, usize::MAX))
             .transpose()?;
         let exec = &self.exec;
-        let prepared = self.prepared.as_ref().filter(|_| !self.sql.is_guarded());
-        let sent = match (prepared, expected.as_deref()) {
+        let sent = match (self.prepared_writes(), expected.as_deref()) {
             (None, expected) => {
                 let sql = self.sql.compare_and_put(key, expected, text);
                 exec.fetch_once(sqlx::raw_sql(&sql)).await
@@ -569,9 +568,7 @@ impl PostgresStateStore {
             (0, _) => "delete_many",
             _ => "write_batch",
         };
-        // A fenced write carries its guard in the same message: simple protocol.
-        let prepared = self.prepared.as_ref().filter(|_| !self.sql.is_guarded());
-        let Some(prepared) = prepared else {
+        let Some(prepared) = self.prepared_writes() else {
             let Some(sql) = self.sql.write(upsert_keys, upsert_texts, delete_keys) else {
                 return Ok(());
             };
@@ -626,6 +623,12 @@ impl PostgresStateStore {
         rows.first()
             .map(|row| decode::<String>(row, 0, self.table()))
             .transpose()
+    }
+
+    /// The prepared statements writes may use: none for a fenced store,
+    /// whose writes carry their guard in the same simple-protocol message.
+    fn prepared_writes(&self) -> Option<&Prepared> {
+        self.prepared.as_ref().filter(|_| self.fence.is_none())
     }
 
     fn query_error(&self, op: &'static str, e: &sqlx::Error) -> StoreError {

@@ -112,11 +112,6 @@ impl Statements {
         self
     }
 
-    /// Whether writes carry a fence's guard.
-    pub(crate) fn is_guarded(&self) -> bool {
-        !self.guard.is_empty()
-    }
-
     fn start(&self, capacity: usize) -> String {
         let mut sql = String::with_capacity(self.prelude.len() + 160 + capacity);
         sql.push_str(&self.prelude);
