@@ -204,7 +204,8 @@
 //!     subscribes and from a lost connection until it has subscribed again,
 //!     reads go to the table, and every clean entry is dropped on each
 //!     (re)subscription. This store's own pending writes are never dropped by
-//!     a notification. *(`tests/coherence.rs`)* Without notifications,
+//!     a notification. *(`tests/coherence.rs`, across two processes in
+//!     `changes_cross_process_boundaries_both_ways`)* Without notifications,
 //!     [`cache_ttl`](CacheOptions::cache_ttl) bounds staleness: no clean
 //!     entry is served for longer than one period.
 //!     *(`cache_ttl_bounds_how_long_a_clean_entry_is_served`)*

@@ -1,10 +1,14 @@
 //! Coherent caches across writers, against a real PostgreSQL: a change made
 //! by another store, an operator's SQL, a delete or a truncate reaches a
 //! listening store's reads; its own pending writes are never hidden; a lost
-//! listening connection never leaves a stale entry behind.
+//! listening connection never leaves a stale entry behind. Writers in other
+//! processes too: `changes_cross_process_boundaries_both_ways` runs a second
+//! listening store in a child process (this test binary again).
 
 mod support;
 
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::Duration;
 
 use faucet_core::state::StateStore;
@@ -130,4 +134,144 @@ async fn listening_needs_a_backend_that_publishes_changes() {
         error.to_string().contains("publishes no changes"),
         "{error}"
     );
+}
+
+/// Names the table when this binary runs as the peer process.
+const PEER: &str = "FAUCET_COHERENCE_PEER";
+
+/// The other process of `changes_cross_process_boundaries_both_ways`: a
+/// listening group-commit store that obeys one command per stdin line,
+/// `put <key> <n>` (answers `done`), `expect <key> <n>` (polls its own
+/// cached reads until they return `n`, answers `seen`), or `quit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the peer process of changes_cross_process_boundaries_both_ways; started by it"]
+async fn coherence_peer_process() {
+    let table = std::env::var(PEER).expect("run by changes_cross_process_boundaries_both_ways");
+    let store = listening(&table, Durability::GroupCommit).await;
+    println!("ready");
+    let mut commands = BufReader::new(std::io::stdin()).lines();
+    while let Some(Ok(line)) = commands.next() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            ["put", key, n] => {
+                store
+                    .put(key, &json!(n.parse::<u64>().unwrap()))
+                    .await
+                    .unwrap();
+                println!("done");
+            }
+            ["expect", key, n] => {
+                eventually(&store, key, Some(json!(n.parse::<u64>().unwrap()))).await;
+                println!("seen");
+            }
+            _ => break,
+        }
+    }
+    store.shutdown().await.unwrap();
+}
+
+/// The peer process, commanded through its stdin, its answers read from its
+/// stdout on a thread.
+struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    answers: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Peer {
+    fn start(url: &str, table: &str) -> Peer {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "coherence_peer_process",
+                "--nocapture",
+            ])
+            .args(["--test-threads", "1", "--quiet"])
+            .env("DATABASE_URL", url)
+            .env(PEER, table)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (sender, answers) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Peer {
+            child,
+            stdin,
+            answers,
+        }
+    }
+
+    /// Waits (30 s at most) for the answer `expected`, skipping the test
+    /// harness's own lines.
+    async fn answer(&mut self, expected: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio::time::timeout_at(deadline, self.answers.recv()).await {
+                Ok(Some(line)) if line == expected => return,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the peer process ended before answering {expected}"),
+                Err(_) => panic!("the peer process did not answer {expected} within 30 s"),
+            }
+        }
+    }
+
+    async fn command(&mut self, command: &str, expected: &str) {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.answer(expected).await;
+    }
+
+    /// Asks the peer to shut its store down and waits (30 s at most) for it
+    /// to exit cleanly.
+    fn quit(mut self) {
+        writeln!(self.stdin, "quit").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "the peer process failed: {status}");
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the peer process did not exit within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_cross_process_boundaries_both_ways() {
+    let table = support::unique_table("coherent_processes");
+    let here = listening(&table, Durability::GroupCommit).await;
+    let mut peer = Peer::start(&support::database_url(), &table);
+    peer.answer("ready").await;
+    for round in 0..20u64 {
+        // Each side reads k first, so each side has it cached when the
+        // other changes it.
+        let ours = 2 * round + 1;
+        here.put("k", &json!(ours)).await.unwrap();
+        peer.command(&format!("expect k {ours}"), "seen").await;
+        let theirs = 2 * round + 2;
+        peer.command(&format!("put k {theirs}"), "done").await;
+        eventually(&here, "k", Some(json!(theirs))).await;
+    }
+    peer.quit();
+    here.shutdown().await.unwrap();
 }
