@@ -64,9 +64,18 @@ async fn changes_by_any_writer_reach_a_listening_store() {
     let table = support::unique_table("coherent");
     let reader = listening(&table, Durability::GroupCommit).await;
     let other = plain(&table).await;
+    assert!(
+        !plain(&table)
+            .await
+            .cached(CacheOptions::new())
+            .unwrap()
+            .stats()
+            .listening
+    );
     other.put("k", &json!(1)).await.unwrap();
     eventually(&reader, "k", Some(json!(1))).await;
     assert_eq!(reader.get("k").await.unwrap(), Some(json!(1))); // cached now
+    assert!(reader.stats().listening, "a read was served from the cache");
 
     other.put("k", &json!(2)).await.unwrap(); // another store
     eventually(&reader, "k", Some(json!(2))).await;
@@ -121,6 +130,15 @@ async fn a_lost_listening_connection_leaves_no_stale_entry() {
         .await;
         other.put("k", &json!(round * 10 + 1)).await.unwrap();
         eventually(&store, "k", Some(json!(round * 10 + 1))).await;
+        // And it subscribes again by itself.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !store.stats().listening {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not listening again"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     store.shutdown().await.unwrap();
 }

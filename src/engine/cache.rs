@@ -260,8 +260,7 @@ impl Cache {
         #[cfg(test)]
         crate::test_hooks::reached("lookup: between the stamp and the slot");
         if let Some(slot) = self.slots.get(key)
-            && (matches!(slot.state, SlotState::Dirty { .. })
-                || self.vouched.load(Ordering::SeqCst))
+            && (matches!(slot.state, SlotState::Dirty { .. }) || self.is_vouched())
         {
             counters.hit();
             return Lookup::Hit(slot.value.clone());
@@ -279,7 +278,7 @@ impl Cache {
         ticket: FillTicket,
         counters: &Counters,
     ) {
-        if self.capacity == 0 || !self.vouched.load(Ordering::SeqCst) {
+        if self.capacity == 0 || !self.is_vouched() {
             return;
         }
         let stamp = self.next_stamp();
@@ -681,6 +680,10 @@ impl Cache {
     /// Whether clean entries may be served (see `changes.rs`).
     pub(crate) fn set_vouched(&self, vouched: bool) {
         self.vouched.store(vouched, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_vouched(&self) -> bool {
+        self.vouched.load(Ordering::SeqCst)
     }
 
     /// Drops every clean entry. Every stripe's stamp moves first, so that no

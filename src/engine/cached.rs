@@ -279,11 +279,15 @@ impl<B: StateBackend> CachedStateStore<B> {
                 reason: write.reason.to_string(),
             })
             .collect();
-        self.engine.counters.snapshot(
+        let mut stats = self.engine.counters.snapshot(
             self.engine.cache.dirty_len(),
             self.engine.cache.len(),
             refused,
-        )
+        );
+        // Vouched is always true for a store that does not listen.
+        stats.listening =
+            self.engine.options.get_listen_for_changes() && self.engine.cache.is_vouched();
+        stats
     }
 
     /// Every key that starts with `prefix`, in byte order, as this store sees

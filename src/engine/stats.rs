@@ -50,6 +50,12 @@ pub struct CacheStats {
     /// each is retried alone every `retry_backoff_max` until it commits or a
     /// newer write of its key replaces it.
     pub refused_writes: Vec<RefusedWrite>,
+    /// Whether the store is listening for other writers' changes now (only
+    /// with [`listen_for_changes`](crate::CacheOptions::listen_for_changes);
+    /// always `false` without it). While it is `false` on a listening store
+    /// (before the first subscription, after a lost connection) no clean
+    /// entry is served: reads go to the storage, which is correct but slower.
+    pub listening: bool,
 }
 
 /// A write the server refused because of its value (an encoding that cannot
@@ -257,6 +263,7 @@ impl Counters {
             evictions: read(&self.evictions),
             refusals: read(&self.refusals),
             refused_writes,
+            listening: false,
         }
     }
 }
