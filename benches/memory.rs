@@ -85,7 +85,7 @@ impl StateBackend for Discard {
         _key: &str,
         _expected: Option<&Value>,
         _stored: &str,
-    ) -> Result<bool, FaucetError> {
+    ) -> Result<bool, BatchError> {
         Ok(true)
     }
 

@@ -91,6 +91,17 @@ pub(crate) enum StoreError {
     },
 
     #[error(
+        "{op} of key '{key}' in table \"{table}\": {reason}; it may or may not have been \
+         applied: read the key to find out before trying again"
+    )]
+    OutcomeUnknown {
+        op: &'static str,
+        key: String,
+        table: String,
+        reason: String,
+    },
+
+    #[error(
         "table \"{table}\" exists but does not have the state-store layout: {problem}; \
          expected (key TEXT PRIMARY KEY, value JSONB NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW())"
     )]
@@ -107,6 +118,12 @@ impl StoreError {
     /// Whether a newer instance claimed this store's fence scope.
     pub(crate) fn is_fenced(&self) -> bool {
         matches!(self, StoreError::Fenced { .. })
+    }
+
+    /// Whether a statement sent once may or may not have been applied (the
+    /// connection was lost before its answer).
+    pub(crate) fn outcome_unknown(&self) -> bool {
+        matches!(self, StoreError::OutcomeUnknown { .. })
     }
 }
 

@@ -208,3 +208,35 @@ async fn a_fenced_cached_store_never_writes_what_it_buffered() {
         assert_eq!(new.get("other").await.unwrap(), None, "{durability:?}");
     }
 }
+
+#[tokio::test]
+async fn a_fenced_compare_and_put_stops_the_cached_store_at_once() {
+    let table = support::unique_table("fence_cas");
+    let options = CacheOptions::new()
+        .durability(Durability::WriteBehind)
+        .flush_interval(Duration::from_secs(3600));
+    let old = instance(&table)
+        .await
+        .fence("orders")
+        .await
+        .unwrap()
+        .cached(options)
+        .unwrap();
+    old.put("cursor", &json!(1)).await.unwrap();
+    old.flush().await.unwrap();
+
+    let new = instance(&table).await.fence("orders").await.unwrap();
+    let newer = new.fence_epoch().unwrap();
+    // The first write that learns of the newer claim is a compare_and_put.
+    assert_fenced(
+        old.compare_and_put("cursor", Some(&json!(1)), &json!(2))
+            .await,
+        newer,
+    );
+    // Known from then on: a write-behind put is refused at once instead of
+    // being buffered where nothing would ever write it.
+    assert_fenced(old.put("cursor", &json!(3)).await, newer);
+    assert_eq!(old.stats().dirty_keys, 0);
+    assert_fenced(old.shutdown().await, newer);
+    assert_eq!(new.get("cursor").await.unwrap(), Some(json!(1)));
+}

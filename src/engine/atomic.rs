@@ -82,17 +82,28 @@ impl<B: StateBackend> CachedStateStore<B> {
         let decided = self.within_write_timeout(async {
             let mut held = self.hold(&[key]).await;
             self.settle(&held, "compare_and_put").await?;
-            let wrote = self
+            let wrote = match self
                 .engine
                 .backend
                 .compare_and_put(key, expected, &stored)
                 .await
-                .map_err(|error| {
-                    FaucetError::State(format!(
-                        "compare_and_put of key '{key}' failed: {error}; it may or may not have \
-                         been applied: read the key to find out before trying again"
-                    ))
-                })?;
+            {
+                Ok(wrote) => wrote,
+                // The backend's error says the outcome is unknown.
+                Err(BatchError::Transient(error)) => return Err(error),
+                Err(BatchError::Refused(error)) => {
+                    return Err(FaucetError::State(format!(
+                        "compare_and_put of key '{key}' was not applied: {error}"
+                    )));
+                }
+                Err(BatchError::Fenced(error)) => {
+                    // Like a fenced batch: this store writes nothing more.
+                    self.engine.fence(&error);
+                    return Err(FaucetError::State(format!(
+                        "compare_and_put of key '{key}' was not written: {error}"
+                    )));
+                }
+            };
             if wrote {
                 held.committed(&[(key, stored)], &self.engine.counters);
             }

@@ -62,14 +62,19 @@ pub trait StateBackend: Send + Sync + 'static {
     /// Writes `stored` (text from [`encode`](Self::encode)) under `key` only
     /// while the stored value equals `expected` (`None`: the key has no
     /// value), atomically against every other writer of the storage, and
-    /// says whether it wrote. Sent once, never retried: after an error it
-    /// may or may not have been applied.
+    /// says whether it wrote. Sent once, never retried. The error says what
+    /// became of it: [`BatchError::Transient`], it may or may not have been
+    /// applied (the answer was lost; the cached store hands this error to
+    /// its caller as it is, so its message should say so and name the
+    /// key); [`BatchError::Refused`], it was not
+    /// applied (refused, or never sent); [`BatchError::Fenced`], it was not
+    /// applied and the engine stops as for a fenced batch.
     async fn compare_and_put(
         &self,
         key: &str,
         expected: Option<&Value>,
         stored: &str,
-    ) -> Result<bool, FaucetError>;
+    ) -> Result<bool, BatchError>;
 
     /// Every stored key that starts with `prefix`, in byte order. The
     /// prefix is literal and may hold what a key may hold; the empty prefix
@@ -88,8 +93,9 @@ pub trait StateBackend: Send + Sync + 'static {
     }
 }
 
-/// Why a [`StateBackend::write_batch`] failed, which decides what the engine
-/// does next.
+/// Why a [`StateBackend::write_batch`] (or a
+/// [`StateBackend::compare_and_put`], whose method docs say what each kind
+/// means for it) failed, which decides what the engine does next.
 #[derive(Debug)]
 pub enum BatchError {
     /// Nothing about the rows: the server is down or restarting, a connection
@@ -179,9 +185,20 @@ impl StateBackend for PostgresStateStore {
         key: &str,
         expected: Option<&Value>,
         stored: &str,
-    ) -> Result<bool, FaucetError> {
-        validate_state_key(key)?;
-        self.compare_and_put_text(key, expected, stored).await
+    ) -> Result<bool, BatchError> {
+        validate_state_key(key).map_err(BatchError::Refused)?;
+        self.compare_and_put_text(key, expected, stored)
+            .await
+            .map_err(|e| {
+                if e.is_fenced() {
+                    BatchError::Fenced(e.into())
+                } else if e.outcome_unknown() {
+                    BatchError::Transient(e.into())
+                } else {
+                    // The server answered with an error, or nothing was sent.
+                    BatchError::Refused(e.into())
+                }
+            })
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, FaucetError> {

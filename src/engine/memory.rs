@@ -354,15 +354,17 @@ impl StateBackend for MemoryBackend {
         key: &str,
         expected: Option<&Value>,
         stored: &str,
-    ) -> Result<bool, FaucetError> {
-        validate_state_key(key)?;
+    ) -> Result<bool, BatchError> {
+        validate_state_key(key).map_err(BatchError::Refused)?;
         self.attempts.send_modify(|n| *n += 1);
         // Held by `pause_writes` like a batch: a test can keep it in flight.
         let _open = self.gate.read().await;
         if lock(&self.faults).unavailable {
-            return Err(unavailable().into_error());
+            // Refused before anything is applied: not an unknown outcome.
+            return Err(BatchError::Refused(unavailable().into_error()));
         }
-        let value = codec::decode_text(key, "memory", stored)?;
+        let value =
+            codec::decode_text(key, "memory", stored).map_err(|e| BatchError::Refused(e.into()))?;
         let mut rows = lock(&self.rows);
         if rows.get(key) != expected {
             return Ok(false);

@@ -462,17 +462,19 @@ impl PostgresStateStore {
     ) -> Result<bool, FaucetError> {
         validate_state_key(key)?;
         let text = codec::encode(key, value, self.max_value_bytes)?;
-        self.compare_and_put_text(key, expected, &text).await
+        Ok(self.compare_and_put_text(key, expected, &text).await?)
     }
 
     /// [`compare_and_put`](Self::compare_and_put) of a value already encoded
-    /// for storage (the cached store encodes once, at the call).
+    /// for storage (the cached store encodes once, at the call). Only
+    /// [`StoreError::OutcomeUnknown`] leaves the outcome open; after any other
+    /// error nothing was written.
     pub(crate) async fn compare_and_put_text(
         &self,
         key: &str,
         expected: Option<&Value>,
         text: &str,
-    ) -> Result<bool, FaucetError> {
+    ) -> Result<bool, StoreError> {
         // Encoded as a stored value would be (the envelope included), so
         // that it compares equal to the row a put of it wrote.
         let expected = expected
@@ -498,13 +500,13 @@ impl PostgresStateStore {
         };
         match sent {
             Ok(rows) => Ok(!rows.is_empty()),
-            Err(e) if outcome_unknown(&e) => Err(FaucetError::State(format!(
-                "compare_and_put of key '{key}' in table '{}': {}; it may or may not have been \
-                 applied: read the key to find out before trying again",
-                self.table(),
-                describe_sqlx(&e)
-            ))),
-            Err(e) => Err(self.query_error("compare_and_put", &e).into()),
+            Err(e) if outcome_unknown(&e) => Err(StoreError::OutcomeUnknown {
+                op: "compare_and_put",
+                key: key.to_owned(),
+                table: self.table().to_owned(),
+                reason: describe_sqlx(&e),
+            }),
+            Err(e) => Err(self.query_error("compare_and_put", &e)),
         }
     }
 
