@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use faucet_core::state::StateStore;
-use faucet_state_postgres::{CacheOptions, Durability, PostgresStateStore};
+use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, PostgresStateStore};
 use serde_json::json;
 use sqlx::Row;
 
@@ -160,6 +160,24 @@ async fn wait_for_lock_waiters(pool: &sqlx::PgPool, table: &str, n: i64) {
     }
 }
 
+/// A cached store that claimed the scope `orders` on `table` and has
+/// committed `cursor = 1`; it flushes only when asked.
+async fn fenced_cached_store(table: &str, durability: Durability) -> CachedStateStore {
+    let options = CacheOptions::new()
+        .durability(durability)
+        .flush_interval(Duration::from_secs(3600));
+    let store = instance(table)
+        .await
+        .fence("orders")
+        .await
+        .unwrap()
+        .cached(options)
+        .unwrap();
+    store.put("cursor", &json!(1)).await.unwrap();
+    store.flush().await.unwrap();
+    store
+}
+
 #[tokio::test]
 async fn a_fenced_cached_store_never_writes_what_it_buffered() {
     for durability in [
@@ -168,18 +186,7 @@ async fn a_fenced_cached_store_never_writes_what_it_buffered() {
         Durability::WriteBehind,
     ] {
         let table = support::unique_table("fence_cached");
-        let options = CacheOptions::new()
-            .durability(durability)
-            .flush_interval(Duration::from_secs(3600));
-        let old = instance(&table)
-            .await
-            .fence("orders")
-            .await
-            .unwrap()
-            .cached(options)
-            .unwrap();
-        old.put("cursor", &json!(1)).await.unwrap();
-        old.flush().await.unwrap();
+        let old = fenced_cached_store(&table, durability).await;
         if durability == Durability::WriteBehind {
             old.put("cursor", &json!(2)).await.unwrap(); // buffered
         }
@@ -212,18 +219,7 @@ async fn a_fenced_cached_store_never_writes_what_it_buffered() {
 #[tokio::test]
 async fn a_fenced_compare_and_put_stops_the_cached_store_at_once() {
     let table = support::unique_table("fence_cas");
-    let options = CacheOptions::new()
-        .durability(Durability::WriteBehind)
-        .flush_interval(Duration::from_secs(3600));
-    let old = instance(&table)
-        .await
-        .fence("orders")
-        .await
-        .unwrap()
-        .cached(options)
-        .unwrap();
-    old.put("cursor", &json!(1)).await.unwrap();
-    old.flush().await.unwrap();
+    let old = fenced_cached_store(&table, Durability::WriteBehind).await;
 
     let new = instance(&table).await.fence("orders").await.unwrap();
     let newer = new.fence_epoch().unwrap();
