@@ -426,6 +426,33 @@ fn group_commit_rounds(_: &mut Criterion) {
         );
         env.rt.block_on(store.shutdown()).expect("shutdown");
     }
+    // The server's share on its own: the flusher's statement shape (a 64-row
+    // upsert over UNNEST, then its commit) sent back to back by one task,
+    // nothing else running.
+    for (name, prepared) in [("default", false), ("prepared", true)] {
+        let per_statement = env.rt.block_on(async {
+            let plain = if prepared {
+                env.prepared("lone").await
+            } else {
+                env.plain("lone").await
+            };
+            let entries: Vec<(String, Value)> = (0..64)
+                .map(|i| (format!("t{i}-0"), json!({"cursor": i, "page": i})))
+                .collect();
+            plain.put_many(&entries).await.expect("warm up");
+            let started = Instant::now();
+            let mut statements = 0u32;
+            while started.elapsed() < run_for {
+                plain.put_many(&entries).await.expect("put_many");
+                statements += 1;
+            }
+            started.elapsed() / statements
+        });
+        println!(
+            "rounds/the same 64-row upsert alone ({name}, one task, back to back): \
+             {per_statement:?} per statement"
+        );
+    }
 }
 
 criterion_group! {
