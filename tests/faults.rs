@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use faucet_core::state::{MemoryStateStore, StateStore};
 use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, PostgresStateStore};
-use fault_support::{CHILD_ROLE, FaultProxy, Rng, counter_of, counter_value, report, seed};
+use fault_support::{CHILD_ROLE, Cutter, FaultProxy, Rng, counter_of, counter_value, report, seed};
 use serde_json::{Value, json};
 use sqlx::postgres::PgPoolOptions;
 
@@ -335,18 +335,8 @@ async fn connection_cuts_lose_nothing() {
         let direct = plain_table(&url, &table).await;
         let through_proxy = plain_table(&proxied_url, &table).await;
         let store = through_proxy.cached(options(mode)).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
         let cuts_before = proxy.cuts();
-        let cutter = tokio::spawn({
-            let (proxy, stop) = (proxy.clone(), stop.clone());
-            let mut rng = Rng::new(rng.next_u64());
-            async move {
-                while !stop.load(Ordering::SeqCst) {
-                    tokio::time::sleep(rng.millis(10, 80)).await;
-                    proxy.cut_all();
-                }
-            }
-        });
+        let cutter = Cutter::start(proxy.clone(), Rng::new(rng.next_u64()), 10, 80);
         let mut writer = Writer::default();
         // At least 400 writes and 20 resets, whichever takes longer, so
         // that even buffered writes see batches cut mid-flight.
@@ -362,8 +352,7 @@ async fn connection_cuts_lose_nothing() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
-        stop.store(true, Ordering::SeqCst);
-        cutter.await.unwrap();
+        cutter.stop().await;
         let lost = writer.settle_and_count_lost(&store, &direct).await;
         report(&format!(
             "connection-cuts[{}]: {} writes, {} connection resets, {} errors seen and retried, {lost} acknowledged writes lost",
@@ -399,18 +388,8 @@ async fn a_cut_listener_leaves_no_stale_read() {
         .await
         .cached(options(Durability::GroupCommit).listen_for_changes(true))
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
     let cuts_before = proxy.cuts();
-    let cutter = tokio::spawn({
-        let (proxy, stop) = (proxy.clone(), stop.clone());
-        let mut rng = Rng::new(rng.next_u64());
-        async move {
-            while !stop.load(Ordering::SeqCst) {
-                tokio::time::sleep(rng.millis(50, 250)).await;
-                proxy.cut_all();
-            }
-        }
-    });
+    let cutter = Cutter::start(proxy.clone(), Rng::new(rng.next_u64()), 50, 250);
     let mut stale_reads = 0u64;
     for n in 1..=CHANGES {
         writer.put("k", &json!(n)).await.unwrap();
@@ -429,8 +408,7 @@ async fn a_cut_listener_leaves_no_stale_read() {
             tokio::time::sleep(rng.millis(0, 3)).await;
         }
     }
-    stop.store(true, Ordering::SeqCst);
-    cutter.await.unwrap();
+    cutter.stop().await;
     report(&format!(
         "listener-cuts: {CHANGES} changes by another writer, {} connection resets, \
          {stale_reads} reads before a change arrived, 0 changes never read",

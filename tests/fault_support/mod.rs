@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -193,6 +193,36 @@ impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.accept_loop.abort();
         self.cut_all();
+    }
+}
+
+/// A task that resets every connection through a proxy at random intervals
+/// until [`stop`](Self::stop)ped.
+pub struct Cutter {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Cutter {
+    /// Cuts every `min_ms`..=`max_ms` milliseconds, timings drawn from `rng`.
+    pub fn start(proxy: Arc<FaultProxy>, mut rng: Rng, min_ms: u64, max_ms: u64) -> Cutter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                while !stop.load(Ordering::SeqCst) {
+                    tokio::time::sleep(rng.millis(min_ms, max_ms)).await;
+                    proxy.cut_all();
+                }
+            }
+        });
+        Cutter { stop, task }
+    }
+
+    /// Stops cutting; returns once the task has ended (within one interval).
+    pub async fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("cutter task");
     }
 }
 
