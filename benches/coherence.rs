@@ -20,20 +20,13 @@ mod support;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use faucet_core::state::StateStore;
 use faucet_state_postgres::{CacheOptions, PostgresStateStore};
 use serde_json::json;
 
 const WRITER: &str = "FAUCET_COHERENCE_WRITER";
-
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_micros() as u64
-}
 
 /// The child: commits `changes` values of `k`, printing `n micros` after each.
 async fn write_changes(url: &str, table: &str, changes: u64) {
@@ -42,7 +35,7 @@ async fn write_changes(url: &str, table: &str, changes: u64) {
         .unwrap();
     for n in 1..=changes {
         store.put("k", &json!(n)).await.unwrap();
-        println!("{n} {}", now_micros());
+        println!("{n} {}", common::wall_micros());
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
 }
@@ -107,7 +100,7 @@ fn main() {
             if let Some(n) = value
                 && n > last
             {
-                let at = now_micros();
+                let at = common::wall_micros();
                 for skipped in last + 1..=n {
                     seen.entry(skipped).or_insert(at);
                 }

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use faucet_core::state::StateStore;
 use faucet_state_postgres::{CacheOptions, Durability, PostgresStateStore};
@@ -73,17 +73,10 @@ const CONFIGURATIONS: [Configuration; 4] = [
     },
 ];
 
-fn wall_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_micros() as u64
-}
-
 /// The `Instant` at which the wall clock reads `micros` (both clocks are
 /// this machine's, so every process agrees on it to within microseconds).
 fn instant_at(micros: u64) -> Instant {
-    Instant::now() + Duration::from_micros(micros.saturating_sub(wall_micros()))
+    Instant::now() + Duration::from_micros(micros.saturating_sub(common::wall_micros()))
 }
 
 /// Latencies in buckets of 1/16 of a power of two (a bucket spans ~4.4%; a
@@ -326,6 +319,11 @@ async fn child(
         result.puts += puts;
         result.latencies.merge(&latencies);
     }
+    // The parent samples the server's CPU at the window's end and then
+    // closes stdin: until then the pool's backends must live, or the work
+    // they did would drop out of the sample with them.
+    let mut rest = String::new();
+    std::io::stdin().read_line(&mut rest).unwrap();
     store.shutdown().await.unwrap();
     println!(
         "RESULT {} {} {} {} {}",
@@ -399,7 +397,7 @@ impl Scale {
             stdout.read_line(&mut line).unwrap();
             assert_eq!(line.trim(), "READY", "a child's first line");
         }
-        let start = wall_micros() + 200_000;
+        let start = common::wall_micros() + 200_000;
         let end = start + self.window.as_micros() as u64;
         for (_, stdin, _) in &mut children {
             writeln!(stdin, "GO {start} {end}").unwrap();
@@ -419,7 +417,7 @@ impl Scale {
             assert!(child.wait().unwrap().success(), "a writer process failed");
             results.push(parse_result(&line));
         }
-        let (hot_ratio, size) = table_health(&self.url, &table).await;
+        let (hot_ratio, size) = table_health_after_writers(&self.url, &table).await;
 
         let seconds = self.window.as_secs_f64();
         let mut latencies = Histogram::new();
@@ -468,7 +466,7 @@ impl Scale {
 
 /// HOT-update ratio and heap size of `table`, once the writers' backends
 /// have exited (a backend reports its statistics as it exits).
-async fn table_health(url: &str, table: &str) -> (f64, i64) {
+async fn table_health_after_writers(url: &str, table: &str) -> (f64, i64) {
     let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -485,15 +483,7 @@ async fn table_health(url: &str, table: &str) -> (f64, i64) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (updates, hot, size): (i64, i64, i64) = sqlx::query_as(
-        "SELECT n_tup_upd, n_tup_hot_upd, pg_table_size(relid) \
-         FROM pg_stat_user_tables WHERE relname = $1",
-    )
-    .bind(table)
-    .fetch_one(&mut conn)
-    .await
-    .expect("table statistics");
-    (hot as f64 / updates.max(1) as f64, size)
+    common::table_health(&mut conn, table).await
 }
 
 /// The postmaster of the server behind `url`, when it runs on this machine:

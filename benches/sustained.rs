@@ -238,15 +238,7 @@ async fn table_health(url: &str, store: PostgresStateStore) -> (f64, i64) {
     store.pool().close().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
-    let (updates, hot, size): (i64, i64, i64) = sqlx::query_as(
-        "SELECT n_tup_upd, n_tup_hot_upd, pg_table_size(relid) \
-         FROM pg_stat_user_tables WHERE relname = $1",
-    )
-    .bind(store.table())
-    .fetch_one(&mut conn)
-    .await
-    .expect("table statistics");
-    (hot as f64 / updates.max(1) as f64, size)
+    common::table_health(&mut conn, store.table()).await
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
