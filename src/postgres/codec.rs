@@ -22,6 +22,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use serde_json::Value;
+use serde_json::ser::{CharEscape, CompactFormatter, Formatter};
 
 use crate::error::StoreError;
 
@@ -41,8 +42,16 @@ pub const MAX_DEPTH: usize = 127;
 /// Returns the JSON text to bind as the row's value; its length is what the
 /// size limit measures.
 pub(crate) fn encode(key: &str, value: &Value, max_bytes: usize) -> Result<String, StoreError> {
-    let shape = checked_shape(key, value)?;
-    encode_shaped(key, value, &shape, max_bytes)
+    let mut text = Vec::with_capacity(128);
+    let has_nul = serialize_checked(key, value, &mut text)?;
+    let text = String::from_utf8(text).map_err(|e| not_utf8(key, &e))?;
+    let stored = if needs_envelope(value, has_nul) {
+        envelope(key, text)?
+    } else {
+        text
+    };
+    within_limit(key, stored.len(), max_bytes)?;
+    Ok(stored)
 }
 
 /// [`encode`] into shared text, the form the cached store keeps. The usual
@@ -59,68 +68,113 @@ pub(crate) fn encode_shared(
     thread_local! {
         static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
-    let shape = checked_shape(key, value)?;
-    if needs_envelope(value, &shape) {
-        return encode_shaped(key, value, &shape, max_bytes).map(Arc::from);
-    }
     BUFFER.with_borrow_mut(|buffer| {
         buffer.clear();
-        let written = serde_json::to_writer(&mut *buffer, value)
-            .map_err(|source| serialize_error(key, source))
-            .and_then(|()| within_limit(key, buffer.len(), max_bytes))
-            .and_then(|()| {
-                std::str::from_utf8(buffer)
-                    .map(Arc::from)
-                    .map_err(|e| StoreError::Corrupt {
-                        key: key.to_owned(),
-                        table: String::new(),
-                        reason: format!("serde_json wrote text that is not UTF-8: {e}"),
-                    })
-            });
+        let stored = serialize_checked(key, value, buffer).and_then(|has_nul| {
+            let text = std::str::from_utf8(buffer).map_err(|e| not_utf8(key, &e))?;
+            if needs_envelope(value, has_nul) {
+                let stored = envelope(key, text.to_owned())?;
+                within_limit(key, stored.len(), max_bytes)?;
+                return Ok(Arc::from(stored));
+            }
+            within_limit(key, text.len(), max_bytes)?;
+            Ok(Arc::from(text))
+        });
         if buffer.capacity() > KEEP_CAPACITY {
             *buffer = Vec::new();
         }
-        written
+        stored
     })
 }
 
-/// The value's shape, once it is known not to be nested too deeply.
-fn checked_shape(key: &str, value: &Value) -> Result<Shape, StoreError> {
-    let shape = inspect(value);
-    if shape.depth > MAX_DEPTH {
-        return Err(StoreError::ValueTooDeep {
+/// Writes `value`'s compact JSON text (what `serde_json::to_writer` writes)
+/// to `out` and says whether a string or an object key in it holds U+0000.
+///
+/// One pass: the formatter sees every escaped character and every level of
+/// nesting, so the value is not walked a second time to check it. A value
+/// nested deeper than [`MAX_DEPTH`] is refused as soon as serialization
+/// reaches that depth, so the recursion never goes further.
+fn serialize_checked(key: &str, value: &Value, out: &mut Vec<u8>) -> Result<bool, StoreError> {
+    let mut seen = Seen::default();
+    let mut serializer = serde_json::Serializer::with_formatter(out, Checking(&mut seen));
+    match serde::Serialize::serialize(value, &mut serializer) {
+        Ok(()) => Ok(seen.has_nul),
+        Err(_) if seen.too_deep => Err(StoreError::ValueTooDeep {
             key: key.to_owned(),
-            depth: shape.depth,
+            depth: depth_of(value),
             limit: MAX_DEPTH,
-        });
+        }),
+        Err(source) => Err(serialize_error(key, source)),
     }
-    Ok(shape)
 }
 
-fn needs_envelope(value: &Value, shape: &Shape) -> bool {
-    shape.has_nul
+/// What [`Checking`] noticed while the value was written.
+#[derive(Default)]
+struct Seen {
+    depth: usize,
+    too_deep: bool,
+    has_nul: bool,
+}
+
+/// serde_json's compact output, watched: a NUL reaches the text only as the
+/// escape `\u0000`, which serde_json writes through `write_char_escape`, and
+/// every array and object opens with `begin_array` / `begin_object`.
+struct Checking<'a>(&'a mut Seen);
+
+impl Checking<'_> {
+    fn enter(&mut self) -> std::io::Result<()> {
+        self.0.depth += 1;
+        if self.0.depth > MAX_DEPTH {
+            self.0.too_deep = true;
+            return Err(std::io::Error::other("the value nests too deeply"));
+        }
+        Ok(())
+    }
+}
+
+impl Formatter for Checking<'_> {
+    fn write_char_escape<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        escape: CharEscape,
+    ) -> std::io::Result<()> {
+        self.0.has_nul |= matches!(escape, CharEscape::AsciiControl(0));
+        CompactFormatter.write_char_escape(writer, escape)
+    }
+
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.enter()?;
+        CompactFormatter.begin_array(writer)
+    }
+
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.0.depth -= 1;
+        CompactFormatter.end_array(writer)
+    }
+
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.enter()?;
+        CompactFormatter.begin_object(writer)
+    }
+
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.0.depth -= 1;
+        CompactFormatter.end_object(writer)
+    }
+}
+
+fn needs_envelope(value: &Value, has_nul: bool) -> bool {
+    has_nul
         || value
             .as_object()
             .is_some_and(|map| map.contains_key(ENVELOPE_KEY))
 }
 
-fn encode_shaped(
-    key: &str,
-    value: &Value,
-    shape: &Shape,
-    max_bytes: usize,
-) -> Result<String, StoreError> {
-    let text = serde_json::to_string(value).map_err(|source| serialize_error(key, source))?;
-    let stored = if needs_envelope(value, shape) {
-        let mut envelope = serde_json::Map::with_capacity(1);
-        envelope.insert(ENVELOPE_KEY.to_owned(), Value::String(text));
-        serde_json::to_string(&Value::Object(envelope))
-            .map_err(|source| serialize_error(key, source))?
-    } else {
-        text
-    };
-    within_limit(key, stored.len(), max_bytes)?;
-    Ok(stored)
+/// The envelope holding `text` (see the module docs).
+fn envelope(key: &str, text: String) -> Result<String, StoreError> {
+    let mut envelope = serde_json::Map::with_capacity(1);
+    envelope.insert(ENVELOPE_KEY.to_owned(), Value::String(text));
+    serde_json::to_string(&Value::Object(envelope)).map_err(|source| serialize_error(key, source))
 }
 
 fn within_limit(key: &str, size: usize, max_bytes: usize) -> Result<(), StoreError> {
@@ -138,6 +192,14 @@ fn serialize_error(key: &str, source: serde_json::Error) -> StoreError {
     StoreError::Serialize {
         key: key.to_owned(),
         source,
+    }
+}
+
+fn not_utf8(key: &str, error: &dyn std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key: key.to_owned(),
+        table: String::new(),
+        reason: format!("serde_json wrote text that is not UTF-8: {error}"),
     }
 }
 
@@ -167,79 +229,25 @@ pub(crate) fn decode(key: &str, table: &str, stored: Value) -> Result<Value, Sto
     })
 }
 
-struct Shape {
-    depth: usize,
-    has_nul: bool,
-}
-
-/// Measures nesting depth and looks for U+0000, without recursion, so that a
-/// pathologically deep value cannot overflow the stack here.
-fn inspect(value: &Value) -> Shape {
-    let mut shape = Shape {
-        depth: 0,
-        has_nul: false,
-    };
-    if inspect_shallow(value, 0, &mut shape) {
-        return shape;
-    }
-    inspect_deep(value)
-}
-
-/// The usual case, without allocating: recursion that stops, returning
-/// `false`, below [`MAX_DEPTH`] levels, so it cannot run out of stack.
-fn inspect_shallow(value: &Value, depth: usize, shape: &mut Shape) -> bool {
-    match value {
-        Value::String(s) => shape.has_nul |= s.contains('\0'),
-        Value::Array(items) => {
-            if depth >= MAX_DEPTH {
-                return false;
-            }
-            shape.depth = shape.depth.max(depth + 1);
-            return items
-                .iter()
-                .all(|item| inspect_shallow(item, depth + 1, shape));
-        }
-        Value::Object(map) => {
-            if depth >= MAX_DEPTH {
-                return false;
-            }
-            shape.depth = shape.depth.max(depth + 1);
-            return map.iter().all(|(k, v)| {
-                shape.has_nul |= k.contains('\0');
-                inspect_shallow(v, depth + 1, shape)
-            });
-        }
-        Value::Null | Value::Bool(_) | Value::Number(_) => {}
-    }
-    true
-}
-
-/// Any depth, iteratively, for a value too deep for [`inspect_shallow`]:
-/// its exact depth goes into the error.
-fn inspect_deep(value: &Value) -> Shape {
-    let mut shape = Shape {
-        depth: 0,
-        has_nul: false,
-    };
+/// How deeply `value` nests, counted without recursion: only a value
+/// [`serialize_checked`] refused is measured, for the error to name.
+fn depth_of(value: &Value) -> usize {
+    let mut deepest = 0;
     let mut pending: Vec<(&Value, usize)> = vec![(value, 0)];
     while let Some((value, depth)) = pending.pop() {
         match value {
-            Value::String(s) => shape.has_nul |= s.contains('\0'),
             Value::Array(items) => {
-                shape.depth = shape.depth.max(depth + 1);
+                deepest = deepest.max(depth + 1);
                 pending.extend(items.iter().map(|v| (v, depth + 1)));
             }
             Value::Object(map) => {
-                shape.depth = shape.depth.max(depth + 1);
-                for (k, v) in map {
-                    shape.has_nul |= k.contains('\0');
-                    pending.push((v, depth + 1));
-                }
+                deepest = deepest.max(depth + 1);
+                pending.extend(map.values().map(|v| (v, depth + 1)));
             }
-            Value::Null | Value::Bool(_) | Value::Number(_) => {}
+            Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
         }
     }
-    shape
+    deepest
 }
 
 #[cfg(test)]
@@ -306,6 +314,42 @@ mod tests {
         let err = encode("k", &nest(MAX_DEPTH + 1), usize::MAX).unwrap_err();
         assert!(err.to_string().contains("nests 128 levels"), "{err}");
         assert!(serde_json::from_str::<Value>(&nest(MAX_DEPTH + 1).to_string()).is_err());
+    }
+
+    /// The refusal comes from the formatter at depth 128, before the
+    /// serializer recurses further: encoding runs here on a 256 KiB stack,
+    /// which 100,000 levels of recursion would overflow. (Building and
+    /// dropping the value recurse, so they get a large stack of their own.)
+    #[test]
+    fn a_value_too_deep_is_refused_without_recursing_through_it() {
+        let errors = std::thread::Builder::new()
+            .stack_size(256 << 20)
+            .spawn(|| {
+                let deep = (0..100_000).fold(json!(0), |inner, _| Value::Array(vec![inner]));
+                let errors = std::thread::scope(|scope| {
+                    std::thread::Builder::new()
+                        .stack_size(256 << 10)
+                        .spawn_scoped(scope, || {
+                            [
+                                encode("k", &deep, usize::MAX).unwrap_err().to_string(),
+                                encode_shared("k", &deep, usize::MAX)
+                                    .unwrap_err()
+                                    .to_string(),
+                            ]
+                        })
+                        .unwrap()
+                        .join()
+                        .expect("encoding a deep value overflowed a 256 KiB stack")
+                });
+                drop(deep);
+                errors
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        for error in errors {
+            assert!(error.contains("nests 100000 levels"), "{error}");
+        }
     }
 
     #[test]
