@@ -361,6 +361,47 @@ async fn batch_operations_are_last_wins_atomic_and_literal() {
     assert!(store.list("zzz").await.unwrap().is_empty());
 }
 
+/// A batch sends its keys and values as array literals inside string
+/// literals (default mode) or as array parameters (prepared mode): every
+/// character those layers treat specially comes back as it was put.
+#[tokio::test]
+async fn batch_values_come_back_through_every_quoting_layer() {
+    let awkward = [
+        json!("it's"),
+        json!("back\\slash \\\\ and \"quoted\""),
+        json!("{braces}, commas, \"NULL\""),
+        json!("NULL"),
+        json!(""),
+        json!("  spaced  "),
+        json!({"'": "\"", "\\": ["{", "}", ","], "ünï": "€ \u{1F600}"}),
+        json!("nul \u{0} inside"),
+        json!(["NULL", null, "", "E'x'"]),
+    ];
+    for prepared in [false, true] {
+        let store = fresh_store("quoting")
+            .await
+            .with_prepared_statements(prepared);
+        let entries: Vec<(String, Value)> = awkward
+            .iter()
+            .enumerate()
+            .map(|(i, value)| (format!("k:{i}.x-y_z"), value.clone()))
+            .collect();
+        store.put_many(&entries).await.unwrap();
+        let keys: Vec<&str> = entries.iter().map(|(key, _)| key.as_str()).collect();
+        let expected: Vec<Option<Value>> = awkward.iter().cloned().map(Some).collect();
+        assert_eq!(
+            store.get_many(&keys).await.unwrap(),
+            expected,
+            "prepared: {prepared}"
+        );
+        for (key, value) in &entries {
+            assert_eq!(store.get(key).await.unwrap().as_ref(), Some(value));
+        }
+        store.delete_many(&keys[..4]).await.unwrap();
+        assert_eq!(row_count(&store).await, awkward.len() as i64 - 4);
+    }
+}
+
 #[tokio::test]
 async fn rows_are_plain_sql_readable_and_foreign_rows_are_readable() {
     let store = fresh_store("raw_sql").await;
