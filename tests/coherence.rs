@@ -49,6 +49,18 @@ async fn eventually(store: &CachedStateStore, key: &str, expected: Option<Value>
     }
 }
 
+/// Waits (at most 30 s) until `store` is subscribed to the change feed.
+async fn until_listening(store: &CachedStateStore) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !store.stats().listening {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not listening within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn operator(table: &str, sql: &str) {
     let pool = sqlx::PgPool::connect(&support::database_url())
         .await
@@ -74,8 +86,15 @@ async fn changes_by_any_writer_reach_a_listening_store() {
     );
     other.put("k", &json!(1)).await.unwrap();
     eventually(&reader, "k", Some(json!(1))).await;
-    assert_eq!(reader.get("k").await.unwrap(), Some(json!(1))); // cached now
-    assert!(reader.stats().listening, "a read was served from the cache");
+    // Until its first subscription, a listening store reads the table.
+    until_listening(&reader).await;
+    assert_eq!(reader.get("k").await.unwrap(), Some(json!(1)));
+    let hits = reader.stats().cache_hits;
+    assert_eq!(reader.get("k").await.unwrap(), Some(json!(1)));
+    assert!(
+        reader.stats().cache_hits > hits,
+        "a listening store served no read from its cache"
+    );
 
     other.put("k", &json!(2)).await.unwrap(); // another store
     eventually(&reader, "k", Some(json!(2))).await;
@@ -131,14 +150,7 @@ async fn a_lost_listening_connection_leaves_no_stale_entry() {
         other.put("k", &json!(round * 10 + 1)).await.unwrap();
         eventually(&store, "k", Some(json!(round * 10 + 1))).await;
         // And it subscribes again by itself.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !store.stats().listening {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "not listening again"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_listening(&store).await;
     }
     store.shutdown().await.unwrap();
 }
