@@ -45,13 +45,7 @@ pub(crate) fn encode(key: &str, value: &Value, max_bytes: usize) -> Result<Strin
     let mut text = Vec::with_capacity(128);
     let has_nul = serialize_checked(key, value, &mut text)?;
     let text = String::from_utf8(text).map_err(|e| not_utf8(key, &e))?;
-    let stored = if needs_envelope(value, has_nul) {
-        envelope(key, text)?
-    } else {
-        text
-    };
-    within_limit(key, stored.len(), max_bytes)?;
-    Ok(stored)
+    Ok(enveloped_within_limit(key, value, &text, has_nul, max_bytes)?.unwrap_or(text))
 }
 
 /// [`encode`] into shared text, the form the cached store keeps. The usual
@@ -72,13 +66,12 @@ pub(crate) fn encode_shared(
         buffer.clear();
         let stored = serialize_checked(key, value, buffer).and_then(|has_nul| {
             let text = std::str::from_utf8(buffer).map_err(|e| not_utf8(key, &e))?;
-            if needs_envelope(value, has_nul) {
-                let stored = envelope(key, text.to_owned())?;
-                within_limit(key, stored.len(), max_bytes)?;
-                return Ok(Arc::from(stored));
-            }
-            within_limit(key, text.len(), max_bytes)?;
-            Ok(Arc::from(text))
+            Ok(
+                match enveloped_within_limit(key, value, text, has_nul, max_bytes)? {
+                    Some(envelope) => Arc::from(envelope),
+                    None => Arc::from(text),
+                },
+            )
         });
         if buffer.capacity() > KEEP_CAPACITY {
             *buffer = Vec::new();
@@ -163,18 +156,30 @@ impl Formatter for Checking<'_> {
     }
 }
 
-fn needs_envelope(value: &Value, has_nul: bool) -> bool {
-    has_nul
+/// What is stored for `value`, serialized as `text`: `Some` envelope when
+/// the value needs one (see the module docs), `None` when `text` itself is
+/// stored. Either way the stored text is within `max_bytes`.
+fn enveloped_within_limit(
+    key: &str,
+    value: &Value,
+    text: &str,
+    has_nul: bool,
+    max_bytes: usize,
+) -> Result<Option<String>, StoreError> {
+    let needs_envelope = has_nul
         || value
             .as_object()
-            .is_some_and(|map| map.contains_key(ENVELOPE_KEY))
-}
-
-/// The envelope holding `text` (see the module docs).
-fn envelope(key: &str, text: String) -> Result<String, StoreError> {
+            .is_some_and(|map| map.contains_key(ENVELOPE_KEY));
+    if !needs_envelope {
+        within_limit(key, text.len(), max_bytes)?;
+        return Ok(None);
+    }
     let mut envelope = serde_json::Map::with_capacity(1);
-    envelope.insert(ENVELOPE_KEY.to_owned(), Value::String(text));
-    serde_json::to_string(&Value::Object(envelope)).map_err(|source| serialize_error(key, source))
+    envelope.insert(ENVELOPE_KEY.to_owned(), Value::String(text.to_owned()));
+    let stored = serde_json::to_string(&Value::Object(envelope))
+        .map_err(|source| serialize_error(key, source))?;
+    within_limit(key, stored.len(), max_bytes)?;
+    Ok(Some(stored))
 }
 
 fn within_limit(key: &str, size: usize, max_bytes: usize) -> Result<(), StoreError> {
