@@ -48,22 +48,31 @@ pub(crate) struct Statements {
 pub(crate) fn push_literal(sql: &mut String, text: &str) {
     sql.reserve(text.len() + 3);
     sql.push_str("E'");
-    // Copies runs of ordinary text whole: values can be megabytes long.
+    push_escaped(sql, text, |byte| match byte {
+        b'\'' => Some("''"),
+        b'\\' => Some(r"\\"),
+        // The server refuses a NUL byte; this way it says so.
+        b'\0' => Some(r"\000"),
+        _ => None,
+    });
+    sql.push('\'');
+}
+
+/// Appends `text` with every byte `escape` maps replaced by what it maps
+/// to (only ASCII bytes are mapped, so every cut falls between characters).
+/// Runs of other bytes are copied whole: values can be megabytes long.
+fn push_escaped(sql: &mut String, text: &str, escape: impl Fn(u8) -> Option<&'static str>) {
     let mut rest = text;
-    while let Some(at) = rest
+    while let Some((at, replacement)) = rest
         .bytes()
-        .position(|b| matches!(b, b'\'' | b'\\' | b'\0'))
+        .enumerate()
+        .find_map(|(at, byte)| escape(byte).map(|replacement| (at, replacement)))
     {
         sql.push_str(&rest[..at]);
-        sql.push_str(match rest.as_bytes()[at] {
-            b'\'' => "''",
-            b'\\' => "\\\\",
-            _ => "\\000",
-        });
+        sql.push_str(replacement);
         rest = &rest[at + 1..];
     }
     sql.push_str(rest);
-    sql.push('\'');
 }
 
 /// `text` as an escape-string literal.
@@ -105,24 +114,16 @@ fn push_text_array<S: AsRef<str>>(sql: &mut String, items: &[S]) {
 /// every `'`. Always quoted, an element is never read as `NULL`, and
 /// braces, commas and spaces in it are plain text.
 fn push_array_element(sql: &mut String, text: &str) {
-    let mut rest = text;
-    while let Some(at) = rest
-        .bytes()
-        .position(|b| matches!(b, b'\'' | b'\\' | b'"' | b'\0'))
-    {
-        sql.push_str(&rest[..at]);
-        sql.push_str(match rest.as_bytes()[at] {
-            b'\'' => "''",
-            // The element's `\\`, each backslash doubled for the literal.
-            b'\\' => r"\\\\",
-            // The element's `\"`, its backslash doubled for the literal.
-            b'"' => r#"\\""#,
-            // As in `push_literal`: the server refuses a NUL byte.
-            _ => r"\000",
-        });
-        rest = &rest[at + 1..];
-    }
-    sql.push_str(rest);
+    push_escaped(sql, text, |byte| match byte {
+        b'\'' => Some("''"),
+        // The element's `\\`, each backslash doubled for the literal.
+        b'\\' => Some(r"\\\\"),
+        // The element's `\"`, its backslash doubled for the literal.
+        b'"' => Some(r#"\\""#),
+        // As in `push_literal`: the server refuses a NUL byte.
+        b'\0' => Some(r"\000"),
+        _ => None,
+    });
 }
 
 /// The most PostgreSQL's `statement_timeout` holds: `INT_MAX` milliseconds.
