@@ -32,33 +32,33 @@ async fn listening(table: &str, durability: Durability) -> CachedStateStore {
     plain(table).await.cached(options).unwrap()
 }
 
-/// Polls `get(key)` until it returns `expected` (notifications are
-/// asynchronous: the bound is measured in a benchmark, not asserted here).
-async fn eventually(store: &CachedStateStore, key: &str, expected: Option<Value>) {
+/// Runs `check` every 5 ms until it returns `None`; fails with the message
+/// it returned last once 30 s have passed.
+async fn within_30s<F: Future<Output = Option<String>>>(mut check: impl FnMut() -> F) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let seen = store.get(key).await.unwrap();
-        if seen == expected {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{key}: still {seen:?}, expected {expected:?}"
-        );
+    while let Some(failure) = check().await {
+        assert!(tokio::time::Instant::now() < deadline, "{failure}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
+/// Polls `get(key)` until it returns `expected` (notifications are
+/// asynchronous: the bound is measured in a benchmark, not asserted here).
+async fn eventually(store: &CachedStateStore, key: &str, expected: Option<Value>) {
+    let expected = &expected;
+    within_30s(|| async move {
+        let seen = store.get(key).await.unwrap();
+        (seen != *expected).then(|| format!("{key}: still {seen:?}, expected {expected:?}"))
+    })
+    .await;
+}
+
 /// Waits (at most 30 s) until `store` is subscribed to the change feed.
 async fn until_listening(store: &CachedStateStore) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !store.stats().listening {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not listening within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    within_30s(|| async {
+        (!store.stats().listening).then(|| "not listening within 30 s".to_owned())
+    })
+    .await;
 }
 
 async fn operator(table: &str, sql: &str) {
