@@ -191,7 +191,13 @@
 //!     waits for, so a write racing the claim commits before it or not at
 //!     all. The first fenced batch stops the flusher; nothing it had buffered
 //!     is ever written, every later write is refused naming the newer epoch,
-//!     and `check()` fails. *(`tests/fencing.rs`; `tests/faults_zombie.rs`:
+//!     and `check()` fails. Epochs never repeat for a scope, whatever
+//!     happens to its row: if the fence row is gone (a truncate, a delete, a
+//!     restore from an older backup) every holder's writes fail, and the
+//!     next claim still fences them all. A fenced write, guard included,
+//!     ends within one `statement_timeout` on the server.
+//!     *(`tests/fencing.rs`: `a_claim_after_the_fence_row_is_gone_still_fences_the_old_instance`,
+//!     `a_fenced_write_ends_within_one_statement_timeout_guard_included`; `tests/faults_zombie.rs`:
 //!     an instance stopped with SIGSTOP mid-batch, then resumed after a newer
 //!     claim, in real processes)*
 //! 14. **Coherence across writers** (with

@@ -177,7 +177,7 @@ async fn a_config_builds_a_working_store() {
     assert_eq!(store.backend().statement_timeout(), Duration::from_secs(5));
     // A second instance from the same file fences the first.
     let newer = config.connect().await.unwrap();
-    assert_eq!(newer.backend().fence_epoch(), Some(epoch + 1));
+    assert!(newer.backend().fence_epoch().unwrap() > epoch);
     newer.put("k", &json!(2)).await.unwrap();
     newer.shutdown().await.unwrap();
     let refused = store.backend().put("k", &json!(1)).await.unwrap_err();

@@ -152,7 +152,7 @@ impl PostgresStateStore {
     fn statements(&self, timeout: Duration) -> Statements {
         let statements = Statements::new(&self.table, timeout);
         match &self.fence {
-            Some(fence) => statements.guarded(fence.guard(&self.table)),
+            Some(fence) => statements.guarded(fence.guard(&self.table, timeout)),
             None => statements,
         }
     }
