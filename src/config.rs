@@ -285,7 +285,10 @@ option_accessors! {
     /// storage. Off by default. Needs a backend that publishes changes: for
     /// PostgreSQL, call [`ensure_change_notifications`](crate::PostgresStateStore::ensure_change_notifications)
     /// once, and connect directly (LISTEN does not work through a
-    /// transaction pooler).
+    /// transaction pooler). The PostgreSQL store listens on one connection
+    /// of its own, opened with the pool's connection options and not
+    /// counted in `max_connections`, so a pool of one still serves reads
+    /// and writes.
     listen_for_changes / get_listen_for_changes: bool;
     /// Bounds how stale a read can be where change notifications are not
     /// available (a role that may not create the triggers, a transaction

@@ -210,8 +210,12 @@
 //!     subscribes and from a lost connection until it has subscribed again,
 //!     reads go to the table, and every clean entry is dropped on each
 //!     (re)subscription. This store's own pending writes are never dropped by
-//!     a notification. *(`tests/coherence.rs`, across two processes in
-//!     `changes_cross_process_boundaries_both_ways`)* Without notifications,
+//!     a notification. The feed listens on a connection of its own, and a
+//!     new session under it counts as a lost connection.
+//!     *(`tests/coherence.rs`, across two processes in
+//!     `changes_cross_process_boundaries_both_ways`, on a pool of one in
+//!     `a_listening_store_on_a_pool_of_one_reads_and_writes`; `tests/faults.rs`:
+//!     `an_outage_longer_than_the_quiet_check_leaves_no_stale_read`)* Without notifications,
 //!     [`cache_ttl`](CacheOptions::cache_ttl) bounds staleness: no clean
 //!     entry is served for longer than one period.
 //!     *(`cache_ttl_bounds_how_long_a_clean_entry_is_served`)*

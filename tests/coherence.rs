@@ -305,3 +305,42 @@ async fn changes_cross_process_boundaries_both_ways() {
     peer.quit();
     here.shutdown().await.unwrap();
 }
+
+/// Issue 21, item 4. Regression: the change feed took its connection from
+/// the store's pool and kept it, so with `max_connections = 1` every read
+/// miss and every write waited for a connection that never came free and
+/// failed after the pool's 10 s acquire timeout. The feed now listens on a
+/// connection of its own. Checked to fail without the fix (the first write
+/// failed with "timed out waiting for a connection from the pool").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listening_store_on_a_pool_of_one_reads_and_writes() {
+    let table = support::unique_table("coherent_pool1");
+    let other = plain(&table).await;
+    other.put("seen", &json!("before")).await.unwrap();
+    let single = PostgresStateStore::connect_with(&support::database_url(), 1, &table)
+        .await
+        .unwrap();
+    for durability in [
+        Durability::WriteThrough,
+        Durability::GroupCommit,
+        Durability::WriteBehind,
+    ] {
+        let options = CacheOptions::new()
+            .durability(durability)
+            .listen_for_changes(true);
+        let store = single.clone().cached(options).unwrap();
+        until_listening(&store).await;
+        assert_eq!(store.get("seen").await.unwrap(), Some(json!("before")));
+        store.put("mine", &json!(durability as u8)).await.unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(
+            other.get("mine").await.unwrap(),
+            Some(json!(durability as u8))
+        );
+        other.put("seen", &json!("after")).await.unwrap();
+        eventually(&store, "seen", Some(json!("after"))).await;
+        other.put("seen", &json!("before")).await.unwrap();
+        eventually(&store, "seen", Some(json!("before"))).await;
+        store.shutdown().await.unwrap();
+    }
+}

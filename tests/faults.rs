@@ -417,6 +417,86 @@ async fn a_cut_listener_leaves_no_stale_read() {
     store.shutdown().await.unwrap();
 }
 
+/// Issue 21, item 2: an outage longer than the feed's 5 s quiet check,
+/// while another writer changes a key. The listening store's connections
+/// go through a proxy that goes down for 6 s (open connections closed in an
+/// orderly way, new ones refused, as with a server that went down); the
+/// other writer, connected directly, changes the key meanwhile. Its
+/// notification is lost with the listening session, so the feed must report
+/// the loss, and the stale entry must not be served. Regression: sqlx's
+/// listener reconnected by itself (its reconnect inside `try_recv` was cut
+/// short by the quiet check, then the liveness query reconnected and listened
+/// again), the feed never reported the loss, and the old value was served
+/// for good. Checked to fail without the fix: "still Some(\"v1\")" after
+/// 30 s, with `listening` true all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_quiet_check_leaves_no_stale_read() {
+    let url = support::database_url();
+    let proxy = Arc::new(FaultProxy::start(fault_support::port_of(&url)).await);
+    let proxied_url = fault_support::with_port(&url, proxy.port());
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .try_init();
+    let table = support::unique_table("listener_outage");
+    let writer = plain_table(&url, &table).await;
+    writer.ensure_change_notifications().await.unwrap();
+    writer.put("k", &json!("v1")).await.unwrap();
+    // Opened as users open it (the pool's own 10 s acquire timeout), not on
+    // the suite's quick pool: the reconnect must be able to outlast the
+    // quiet check.
+    let store = PostgresStateStore::connect_with(&proxied_url, 3, &table)
+        .await
+        .unwrap()
+        .cached(options(Durability::GroupCommit).listen_for_changes(true))
+        .unwrap();
+    let listening = |store: &CachedStateStore| store.stats().listening;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !listening(&store) {
+        assert!(tokio::time::Instant::now() < deadline, "never listening");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.get("k").await.unwrap(), Some(json!("v1")));
+    let hits = store.stats().cache_hits;
+    assert_eq!(store.get("k").await.unwrap(), Some(json!("v1")));
+    assert_eq!(
+        store.stats().cache_hits,
+        hits + 1,
+        "the entry is served from the cache"
+    );
+
+    proxy.down(true);
+    writer.put("k", &json!("v2")).await.unwrap();
+    let mut lost_seen = false;
+    let outage = tokio::time::Instant::now();
+    while outage.elapsed() < Duration::from_secs(6) {
+        lost_seen |= !listening(&store);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.down(false);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut stale_reads = 0u64;
+    loop {
+        lost_seen |= !listening(&store);
+        match store.get("k").await {
+            Ok(Some(value)) if value == json!("v2") => break,
+            Ok(_) => stale_reads += 1,
+            Err(_) => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the change made during the outage was never read (listening went false: {lost_seen})"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(lost_seen, "the feed never reported the outage");
+    report(&format!(
+        "listener-outage: 6 s outage of the listening store's connections, 1 change by another \
+         writer meanwhile, {stale_reads} reads before it was read, the loss was reported"
+    ));
+    store.shutdown().await.unwrap();
+}
+
 // ── Stalled connections ───────────────────────────────────────────────────
 
 /// A proxy stops forwarding without closing anything (a network partition)

@@ -209,11 +209,11 @@ impl StateBackend for PostgresStateStore {
         StateStore::check(self, ctx).await
     }
 
-    /// `LISTEN` on a connection of its own (taken from the store's pool),
+    /// `LISTEN` on a connection of its own (not one of the store's pool),
     /// for the notifications of [`ensure_change_notifications`](PostgresStateStore::ensure_change_notifications).
     fn change_feed(&self) -> Option<Box<dyn ChangeFeed>> {
         Some(Box::new(crate::notify::PgChangeFeed::new(
-            self.pool().clone(),
+            self.pool(),
             self.table(),
         )))
     }

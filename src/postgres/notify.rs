@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 
 use crate::changes::{Change, ChangeFeed};
 use crate::config::TableName;
@@ -97,19 +97,47 @@ const QUIET_CHECK: Duration = Duration::from_secs(5);
 const RETRY_START: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// `LISTEN faucet_state_changes` on one connection of the store's pool,
-/// resubscribing on a new one after a loss.
+/// `LISTEN faucet_state_changes` on a connection of its own, resubscribing
+/// on a new one after a loss.
+///
+/// Invariants:
+/// - The feed never uses the store's pool: a listener holds its connection
+///   for good, and in a pool of one it would leave nothing for reads and
+///   writes. It has a pool of one connection, opened with the store's
+///   connection options.
+/// - One subscription is one server session. sqlx's listener reconnects by
+///   itself (inside `try_recv`, or when a query is run through it), and
+///   notifications sent while no session listened are lost without a
+///   trace; so that reconnect is turned off, any loss the listener reports
+///   ends the subscription, and the liveness check compares the session's
+///   backend pid with the one that subscribed: a new session is a loss.
 pub(crate) struct PgChangeFeed {
     pool: PgPool,
     table: String,
-    listener: Option<PgListener>,
+    listener: Option<Subscription>,
     /// Whether `Listening` was reported since the last `Lost`.
     listening: bool,
     retry: Duration,
 }
 
+/// A listener and the backend pid of the session that subscribed.
+struct Subscription {
+    listener: PgListener,
+    pid: i32,
+}
+
 impl PgChangeFeed {
-    pub(crate) fn new(pool: PgPool, table: &str) -> Self {
+    /// A feed on its own connection to the server `store_pool` connects to.
+    pub(crate) fn new(store_pool: &PgPool, table: &str) -> Self {
+        let options = (*store_pool.connect_options()).clone();
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(DEADLINE)
+            .test_before_acquire(false)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_lazy_with(options);
         Self {
             pool,
             table: table.to_owned(),
@@ -119,15 +147,17 @@ impl PgChangeFeed {
         }
     }
 
-    async fn subscribe(&self) -> Result<PgListener, String> {
+    async fn subscribe(&self) -> Result<Subscription, String> {
         let subscribed = tokio::time::timeout(DEADLINE, async {
             let mut listener = PgListener::connect_with(&self.pool).await?;
+            listener.eager_reconnect(false);
             listener.listen(CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
+            let pid = backend_pid(&mut listener).await?;
+            Ok::<_, sqlx::Error>(Subscription { listener, pid })
         })
         .await;
         match subscribed {
-            Ok(Ok(listener)) => Ok(listener),
+            Ok(Ok(subscription)) => Ok(subscription),
             Ok(Err(error)) => Err(error.to_string()),
             Err(_) => Err(format!("no answer within {DEADLINE:?}")),
         }
@@ -137,6 +167,12 @@ impl PgChangeFeed {
         self.listener = None;
         std::mem::replace(&mut self.listening, false).then_some(Change::Lost(reason))
     }
+}
+
+async fn backend_pid(listener: &mut PgListener) -> Result<i32, sqlx::Error> {
+    use sqlx::Row;
+    let row = sqlx::Executor::fetch_one(&mut *listener, "SELECT pg_backend_pid()").await?;
+    row.try_get(0)
 }
 
 #[async_trait]
@@ -159,24 +195,26 @@ impl ChangeFeed for PgChangeFeed {
                     }
                 }
             };
-            let lost = match tokio::time::timeout(QUIET_CHECK, listener.try_recv()).await {
+            let lost = match tokio::time::timeout(QUIET_CHECK, listener.listener.try_recv()).await {
                 Ok(Ok(Some(notification))) => match parse(notification.payload(), &self.table) {
                     Some(change) => return change,
                     None => continue,
                 },
                 Ok(Ok(None)) => "the listening connection was closed".to_owned(),
                 Ok(Err(error)) => error.to_string(),
-                // Quiet: check that the connection still answers. A receive
-                // cut short may leave the connection unusable; the check
-                // then fails and the feed resubscribes, which is safe.
+                // Quiet: check that the session that subscribed still
+                // answers. A receive cut short may leave the connection
+                // unusable; the check then fails and the feed resubscribes,
+                // which is safe.
                 Err(_) => {
-                    let alive = tokio::time::timeout(
-                        DEADLINE,
-                        sqlx::Executor::execute(&mut *listener, "SELECT 1"),
-                    )
-                    .await;
+                    let alive =
+                        tokio::time::timeout(DEADLINE, backend_pid(&mut listener.listener)).await;
                     match alive {
-                        Ok(Ok(_)) => continue,
+                        Ok(Ok(pid)) if pid == listener.pid => continue,
+                        Ok(Ok(pid)) => format!(
+                            "the listening session (backend {}) was replaced by another ({pid})",
+                            listener.pid
+                        ),
                         Ok(Err(error)) => error.to_string(),
                         Err(_) => {
                             format!("the listening connection did not answer within {DEADLINE:?}")

@@ -90,6 +90,7 @@ pub struct FaultProxy {
     cut: watch::Sender<u64>,
     cuts: Arc<AtomicU64>,
     stalled: watch::Sender<bool>,
+    down: watch::Sender<bool>,
     accept_loop: JoinHandle<()>,
 }
 
@@ -99,39 +100,42 @@ impl FaultProxy {
         let port = listener.local_addr().expect("proxy address").port();
         let (cut, _) = watch::channel(0u64);
         let (stalled, _) = watch::channel(false);
+        let (down, _) = watch::channel(false);
         let accept_loop = tokio::spawn({
-            let (cut, stalled) = (cut.clone(), stalled.clone());
+            let (cut, stalled, down) = (cut.clone(), stalled.clone(), down.clone());
             async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    let mut cut_signal = cut.subscribe();
-                    let stalled = stalled.clone();
-                    tokio::spawn(async move {
-                        let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await
-                        else {
+                let mut listener = Some(listener);
+                let mut down_signal = down.subscribe();
+                loop {
+                    // Down: no socket listens, so connecting is refused, as
+                    // with a server that is not running.
+                    if *down_signal.borrow_and_update() {
+                        listener = None;
+                        if down_signal.wait_for(|down| !*down).await.is_err() {
                             return;
-                        };
-                        // Linger 0: closing resets the connection, so a cut
-                        // is seen by both ends mid-stream, as with a failing
-                        // network.
-                        #[allow(deprecated)]
-                        {
-                            let _ = client.set_linger(Some(Duration::ZERO));
-                            let _ = upstream.set_linger(Some(Duration::ZERO));
                         }
-                        let (client_read, client_write) = client.into_split();
-                        let (upstream_read, upstream_write) = upstream.into_split();
-                        let forward = async {
-                            tokio::join!(
-                                pump(client_read, upstream_write, stalled.subscribe()),
-                                pump(upstream_read, client_write, stalled.subscribe()),
-                            )
-                        };
-                        // A cut drops both copies, and with them the sockets.
-                        tokio::select! {
-                            _ = forward => {}
-                            _ = cut_signal.changed() => {}
+                        continue;
+                    }
+                    let accepting = match &listener {
+                        Some(listener) => listener,
+                        None => {
+                            listener = Some(rebind(port).await);
+                            continue;
                         }
-                    });
+                    };
+                    let client = tokio::select! {
+                        accepted = accepting.accept() => match accepted {
+                            Ok((client, _)) => client,
+                            Err(_) => return,
+                        },
+                        _ = down_signal.changed() => continue,
+                    };
+                    let connection = Connection {
+                        cut: cut.subscribe(),
+                        stalled: stalled.clone(),
+                        down: down.subscribe(),
+                    };
+                    tokio::spawn(connection.forward(client, upstream_port));
                 }
             }
         });
@@ -140,6 +144,7 @@ impl FaultProxy {
             cut,
             cuts: Arc::default(),
             stalled,
+            down,
             accept_loop,
         }
     }
@@ -164,13 +169,74 @@ impl FaultProxy {
     pub fn stall(&self, stalled: bool) {
         self.stalled.send_replace(stalled);
     }
+
+    /// While `true`, the proxy behaves like a server that went down: every
+    /// open connection is closed in an orderly way (both ends read end of
+    /// file, as after a server's shutdown), and new connections are refused.
+    pub fn down(&self, down: bool) {
+        self.down.send_replace(down);
+    }
+}
+
+/// Listens on `port` again after an outage (the port was ours a moment ago).
+async fn rebind(port: u16) -> TcpListener {
+    for _ in 0..100 {
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)).await {
+            return listener;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the proxy could not listen on port {port} again");
+}
+
+/// One proxied connection and the faults it obeys.
+struct Connection {
+    cut: watch::Receiver<u64>,
+    stalled: watch::Sender<bool>,
+    down: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn forward(mut self, client: TcpStream, upstream_port: u16) {
+        let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await else {
+            return;
+        };
+        // Linger 0: closing resets the connection, so a cut is seen by both
+        // ends mid-stream, as with a failing network.
+        #[allow(deprecated)]
+        {
+            let _ = client.set_linger(Some(Duration::ZERO));
+            let _ = upstream.set_linger(Some(Duration::ZERO));
+        }
+        let (client_read, mut client_write) = client.into_split();
+        let (upstream_read, mut upstream_write) = upstream.into_split();
+        let forward = async {
+            tokio::join!(
+                pump(client_read, &mut upstream_write, self.stalled.subscribe()),
+                pump(upstream_read, &mut client_write, self.stalled.subscribe()),
+            )
+        };
+        // A cut drops both copies, and with them the sockets.
+        let went_down = tokio::select! {
+            _ = forward => false,
+            _ = self.cut.changed() => false,
+            _ = self.down.wait_for(|down| *down) => true,
+        };
+        if went_down {
+            // An orderly close: end of file both ways, and the sockets stay
+            // open (no reset) until the outage ends.
+            let _ = client_write.shutdown().await;
+            let _ = upstream_write.shutdown().await;
+            let _ = self.down.wait_for(|down| !*down).await;
+        }
+    }
 }
 
 /// Copies `from` to `to` until `from` ends, then passes the end on; while
 /// stalled, what is read is dropped.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
     stalled: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
