@@ -210,7 +210,13 @@
 //!     subscribes and from a lost connection until it has subscribed again,
 //!     reads go to the table, and every clean entry is dropped on each
 //!     (re)subscription. This store's own pending writes are never dropped by
-//!     a notification. The feed listens on a connection of its own, and a
+//!     a notification, and never hide one either: a change reported while
+//!     this store's own write of the key is pending or in flight may have
+//!     committed after it, so once that write is acknowledged the key is
+//!     read from the table, not served from memory (a write-through `put`,
+//!     `compare_and_put` and `put_batch` likewise cache what they wrote only
+//!     if no change was reported while they were in flight)
+//!     *(`tests/coherence_interleavings.rs`)*. The feed listens on a connection of its own, and a
 //!     new session under it counts as a lost connection.
 //!     *(`tests/coherence.rs`, across two processes in
 //!     `changes_cross_process_boundaries_both_ways`, on a pool of one in

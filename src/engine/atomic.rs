@@ -28,7 +28,7 @@ use serde_json::Value;
 use tokio::sync::MutexGuard;
 
 use crate::backend::{BatchError, StateBackend};
-use crate::cache::{Cache, Stored, WriteStatus};
+use crate::cache::{Cache, FillTicket, Stored, WriteStatus};
 use crate::cached::CachedStateStore;
 use crate::flusher::RoundOutcome;
 use crate::stats::Counters;
@@ -82,6 +82,7 @@ impl<B: StateBackend> CachedStateStore<B> {
         let decided = self.within_write_timeout(async {
             let mut held = self.hold(&[key]).await;
             self.settle(&held, "compare_and_put").await?;
+            held.sending();
             let wrote = match self
                 .engine
                 .backend
@@ -167,6 +168,7 @@ impl<B: StateBackend> CachedStateStore<B> {
         let decided = self.within_write_timeout(async {
             let mut held = self.hold(&keys).await;
             self.settle(&held, "put_batch").await?;
+            held.sending();
             let upserts: Vec<(&str, &str)> = latest
                 .iter()
                 .map(|(key, stored)| (*key, &**stored))
@@ -220,6 +222,7 @@ impl<B: StateBackend> CachedStateStore<B> {
         let mut held = Held {
             cache: &self.engine.cache,
             keys: Vec::with_capacity(keys.len()),
+            tickets: Vec::new(),
             pending: Vec::new(),
             trusted: false,
             _serialized: serialized,
@@ -288,6 +291,9 @@ impl<B: StateBackend> CachedStateStore<B> {
 struct Held<'a> {
     cache: &'a Cache,
     keys: Vec<&'a str>,
+    /// Taken just before the statement is sent, one per key (cache
+    /// invariant 7: a change reported meanwhile keeps the result uncached).
+    tickets: Vec<Option<FillTicket>>,
     /// This store's pending write of a held key, by version (step 2).
     pending: Vec<(&'a str, u64)>,
     trusted: bool,
@@ -296,10 +302,28 @@ struct Held<'a> {
 }
 
 impl Held<'_> {
-    /// The operation committed these values of its keys.
+    /// The statement is about to be sent (after step 2).
+    fn sending(&mut self) {
+        self.tickets = self
+            .keys
+            .iter()
+            .map(|key| Some(self.cache.write_ticket(key)))
+            .collect();
+    }
+
+    /// The operation committed these values of its keys (each a held key,
+    /// written by the statement sent after [`sending`](Self::sending)).
     fn committed(&mut self, written: &[(&str, Stored)], counters: &Counters) {
+        let mut tickets = std::mem::take(&mut self.tickets);
         for (key, stored) in written {
-            self.cache.store_clean(key, Some(stored.clone()), counters);
+            let at = self.keys.iter().position(|held| held == key);
+            let Some(ticket) = at.and_then(|at| tickets.get_mut(at)?.take()) else {
+                // Not a held key, or given twice: not cached.
+                self.cache.invalidate(key);
+                continue;
+            };
+            self.cache
+                .store_clean(key, Some(stored.clone()), ticket, counters);
         }
         self.trusted = true;
     }

@@ -24,6 +24,16 @@
 //!    is committed). A missing slot was evicted clean, so every write of its
 //!    key so far is durable; a slot created by a write starts just below
 //!    that write's version for the same reason.
+//! 7. A value this store committed becomes a clean entry only if no other
+//!    writer's change to the key may have committed after it. A change
+//!    reported while the key is dirty (its notification can arrive while
+//!    this store's batch is still being acknowledged, and that change may
+//!    have committed right after the batch) marks the slot *doubted*: the
+//!    commit that makes it durable then drops the slot instead of cleaning
+//!    it. A value committed outside the flusher (write-through,
+//!    `compare_and_put`, `put_batch`) is stored clean only if its stripe's
+//!    write stamp has not moved since before the statement was sent, so a
+//!    change reported in between is never hidden by it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -58,6 +68,8 @@ struct Slot {
     refused: Refused,
     /// Invariant 6: writes up to this version are durable.
     persisted: u64,
+    /// Invariant 7: another writer changed the key while it was dirty.
+    doubted: bool,
 }
 
 /// Where a dirty key whose write the server refused stands (invariant 5).
@@ -137,7 +149,8 @@ pub(crate) enum Lookup {
     Miss(FillTicket),
 }
 
-/// Proof of when a read began, for invariant 4.
+/// Proof of when a read (or a write outside the flusher) began, for
+/// invariants 4 and 7.
 pub(crate) struct FillTicket {
     stripe: usize,
     stamp: u64,
@@ -292,6 +305,7 @@ impl Cache {
                     state: SlotState::Clean { stamp },
                     refused: Refused::No,
                     persisted: stamp,
+                    doubted: false,
                 });
                 Some(key)
             }
@@ -528,6 +542,9 @@ impl Cache {
 
     /// The flusher committed `version` of `key`: the slot turns clean, or, if
     /// a newer write arrived meanwhile, the key is queued again (invariant 3).
+    ///
+    /// A doubted slot (invariant 7) is dropped instead: the write is
+    /// durable, but another writer's change may have committed after it.
     pub(crate) fn committed(&self, key: &Key, version: u64, counters: &Counters) {
         let stamp = self.next_stamp();
         let cleaned = match self.slots.get_mut(key) {
@@ -537,22 +554,26 @@ impl Cache {
                 if std::mem::replace(&mut slot.refused, Refused::No) != Refused::No {
                     lock(&self.refusals).remove(key);
                 }
-                true
+                Some(!slot.doubted)
             }
             Some(mut slot) => {
                 slot.persisted = slot.persisted.max(version);
-                false
+                None
             }
-            None => false,
+            None => None,
         };
-        if !cleaned {
+        let Some(trusted) = cleaned else {
             lock(&self.queue).push(key.clone());
             return;
-        }
+        };
         self.dirty_count.fetch_sub(1, Ordering::SeqCst);
         self.room.add_permits(1);
         self.clean_count.fetch_add(1, Ordering::SeqCst);
-        self.remember_clean(key.clone(), stamp, counters);
+        if trusted {
+            self.remember_clean(key.clone(), stamp, counters);
+        } else {
+            self.invalidate(key);
+        }
     }
 
     /// Puts keys whose batch failed back on the queue; they are still dirty.
@@ -563,11 +584,32 @@ impl Cache {
         queue.keys.extend(keys);
     }
 
+    /// A ticket to take before sending a write outside the flusher, for
+    /// [`store_clean`](Self::store_clean) (invariant 7).
+    pub(crate) fn write_ticket(&self, key: &str) -> FillTicket {
+        let stripe = self.stripe_of(key);
+        let stamp = self.write_stamps[stripe].load(Ordering::SeqCst);
+        FillTicket { stripe, stamp }
+    }
+
     /// The backend committed `value` for `key` outside the flusher (a
-    /// write-through write, or a held key's `compare_and_put`/`put_batch`).
-    /// The key has no dirty write: write-through stages none, and a holder
-    /// made its pending write durable first.
-    pub(crate) fn store_clean(&self, key: &str, value: Option<Stored>, counters: &Counters) {
+    /// write-through write, or a held key's `compare_and_put`/`put_batch`),
+    /// with the statement sent after `ticket` was taken. The key has no
+    /// dirty write: write-through stages none, and a holder made its pending
+    /// write durable first. If anything moved the key's stripe meanwhile (a
+    /// change reported by the feed, among others), the value is not cached
+    /// and any cached one is dropped (invariant 7).
+    pub(crate) fn store_clean(
+        &self,
+        key: &str,
+        value: Option<Stored>,
+        ticket: FillTicket,
+        counters: &Counters,
+    ) {
+        if self.write_stamps[ticket.stripe].load(Ordering::SeqCst) != ticket.stamp {
+            self.invalidate(key);
+            return;
+        }
         let stamp = self.next_stamp();
         let Ok((key, previous)) = self.replace_slot(key, value, SlotState::Clean { stamp }, true)
         else {
@@ -637,6 +679,7 @@ impl Cache {
                     state,
                     refused: Refused::No,
                     persisted,
+                    doubted: false,
                 });
                 self.bump_stripe(&key);
                 Ok((key, None))
@@ -677,6 +720,26 @@ impl Cache {
         }
     }
 
+    /// Another writer changed `key` (a notification): a clean entry is
+    /// dropped, a dirty one is doubted (invariant 7).
+    pub(crate) fn changed_elsewhere(&self, key: &str) {
+        self.bump_stripe(key);
+        if let Some(mut slot) = self.slots.get_mut(key)
+            && matches!(slot.state, SlotState::Dirty { .. })
+        {
+            slot.doubted = true;
+            return;
+        }
+        self.invalidate(key);
+    }
+
+    /// Any key may have changed elsewhere (a truncate, too many keys to
+    /// name, or changes missed while not listening): every clean entry is
+    /// dropped and every dirty one doubted (invariant 7).
+    pub(crate) fn everything_changed_elsewhere(&self) {
+        self.drop_clean_entries_and(|slot| slot.doubted = true);
+    }
+
     /// Whether clean entries may be served (see `changes.rs`).
     pub(crate) fn set_vouched(&self, vouched: bool) {
         self.vouched.store(vouched, Ordering::SeqCst);
@@ -689,6 +752,12 @@ impl Cache {
     /// Drops every clean entry. Every stripe's stamp moves first, so that no
     /// read begun before this point caches what it read (invariant 4).
     pub(crate) fn drop_clean_entries(&self) {
+        self.drop_clean_entries_and(|_| {});
+    }
+
+    /// [`drop_clean_entries`](Self::drop_clean_entries), applying `to_dirty`
+    /// to every dirty slot it keeps.
+    fn drop_clean_entries_and(&self, mut to_dirty: impl FnMut(&mut Slot)) {
         for stamp in self.write_stamps.iter() {
             stamp.fetch_add(1, Ordering::SeqCst);
         }
@@ -696,6 +765,9 @@ impl Cache {
         self.slots.retain(|_, slot| {
             let clean = matches!(slot.state, SlotState::Clean { .. });
             dropped += usize::from(clean);
+            if !clean {
+                to_dirty(slot);
+            }
             !clean
         });
         self.clean_count.fetch_sub(dropped, Ordering::SeqCst);

@@ -514,6 +514,7 @@ impl<B: StateBackend> CachedStateStore<B> {
             key,
             armed: true,
         };
+        let ticket = self.engine.cache.write_ticket(key);
         let started = std::time::Instant::now();
         let result = match &value {
             Some(value) => self.engine.backend.write_batch(&[(key, value)], &[]).await,
@@ -523,7 +524,7 @@ impl<B: StateBackend> CachedStateStore<B> {
             Ok(()) => {
                 let counters = &self.engine.counters;
                 counters.record_batch(1, started.elapsed());
-                self.engine.cache.store_clean(key, value, counters);
+                self.engine.cache.store_clean(key, value, ticket, counters);
                 untrusted.armed = false;
                 Ok(())
             }

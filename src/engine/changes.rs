@@ -12,7 +12,12 @@
 //!    write stamp (cache invariant 4), so a read in flight cannot bring the
 //!    old value back. Dirty entries are this store's own newer writes and
 //!    are never dropped: a notification of another write, or of this store's
-//!    own earlier flush, cannot hide them.
+//!    own earlier flush, cannot hide them. They are *doubted* instead (cache
+//!    invariant 7): the change may have committed after this store's batch
+//!    of the key, so once that batch is acknowledged the entry is dropped,
+//!    not cleaned, and the next read goes to the storage. Likewise a write
+//!    committed outside the flusher is not cached when a change was reported
+//!    for its stripe while it was in flight.
 //! 3. On each (re)subscription, every clean entry is dropped before the
 //!    store vouches again: changes made while it was not listening are lost
 //!    with the connection, so nothing cached before can be trusted.
@@ -59,18 +64,18 @@ pub(crate) async fn listen<B: StateBackend>(engine: Arc<Engine<B>>, mut feed: Bo
         match feed.next().await {
             Change::Listening => {
                 // Invariant 3: drop first, then vouch.
-                cache.drop_clean_entries();
+                cache.everything_changed_elsewhere();
                 cache.set_vouched(true);
             }
             Change::Keys(keys) => {
                 for key in keys {
-                    cache.invalidate(&key);
+                    cache.changed_elsewhere(&key);
                 }
             }
-            Change::Everything => cache.drop_clean_entries(),
+            Change::Everything => cache.everything_changed_elsewhere(),
             Change::Lost(reason) => {
                 cache.set_vouched(false);
-                cache.drop_clean_entries();
+                cache.everything_changed_elsewhere();
                 tracing::warn!(%reason, "faucet-state-postgres: lost the change feed; reads go to the table until it is back");
             }
         }
