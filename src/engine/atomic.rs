@@ -29,8 +29,9 @@ use tokio::sync::MutexGuard;
 
 use crate::backend::{BatchError, StateBackend};
 use crate::cache::{Cache, FillTicket, Stored, WriteStatus};
-use crate::cached::CachedStateStore;
+use crate::cached::{CachedStateStore, Known};
 use crate::flusher::RoundOutcome;
+use crate::flusher::deadline_after;
 use crate::stats::Counters;
 
 impl<B: StateBackend> CachedStateStore<B> {
@@ -83,12 +84,13 @@ impl<B: StateBackend> CachedStateStore<B> {
             let mut held = self.hold(&[key]).await;
             self.settle(&held, "compare_and_put").await?;
             held.sending();
-            let wrote = match self
+            let answer = self
                 .engine
                 .backend
                 .compare_and_put(key, expected, &stored)
-                .await
-            {
+                .await;
+            held.answered(answer.as_ref().err());
+            let wrote = match answer {
                 Ok(wrote) => wrote,
                 // The backend's error says the outcome is unknown.
                 Err(BatchError::Transient(error)) => return Err(error),
@@ -173,7 +175,9 @@ impl<B: StateBackend> CachedStateStore<B> {
                 .iter()
                 .map(|(key, stored)| (*key, &**stored))
                 .collect();
-            match self.engine.backend.write_batch(&upserts, &[]).await {
+            let answer = self.engine.backend.write_batch(&upserts, &[]).await;
+            held.answered(answer.as_ref().err());
+            match answer {
                 Ok(()) => {
                     let written: Vec<(&str, Stored)> = latest.into_iter().collect();
                     held.committed(&written, &self.engine.counters);
@@ -223,6 +227,8 @@ impl<B: StateBackend> CachedStateStore<B> {
             cache: &self.engine.cache,
             keys: Vec::with_capacity(keys.len()),
             tickets: Vec::new(),
+            known: Known::NotWritten,
+            settle: self.engine.backend.abandoned_writes_settle_within(),
             pending: Vec::new(),
             trusted: false,
             _serialized: serialized,
@@ -294,6 +300,11 @@ struct Held<'a> {
     /// Taken just before the statement is sent, one per key (cache
     /// invariant 7: a change reported meanwhile keeps the result uncached).
     tickets: Vec<Option<FillTicket>>,
+    /// What became of the statement: not sent yet, sent with no answer
+    /// (kept on a lost answer), answered.
+    known: Known,
+    /// How long an abandoned statement may still commit (cache invariant 8).
+    settle: std::time::Duration,
     /// This store's pending write of a held key, by version (step 2).
     pending: Vec<(&'a str, u64)>,
     trusted: bool,
@@ -304,11 +315,20 @@ struct Held<'a> {
 impl Held<'_> {
     /// The statement is about to be sent (after step 2).
     fn sending(&mut self) {
+        self.known = Known::No;
         self.tickets = self
             .keys
             .iter()
             .map(|key| Some(self.cache.write_ticket(key)))
             .collect();
+    }
+
+    /// The backend answered the statement, with this error if any: unless
+    /// the answer was lost, the outcome is known.
+    fn answered(&mut self, error: Option<&BatchError>) {
+        if !matches!(error, Some(BatchError::Transient(_))) {
+            self.known = Known::NotWritten;
+        }
     }
 
     /// The operation committed these values of its keys (each a held key,
@@ -333,7 +353,11 @@ impl Drop for Held<'_> {
     fn drop(&mut self) {
         for key in &self.keys {
             if !self.trusted {
-                self.cache.invalidate(key);
+                if self.known == Known::No {
+                    self.cache.unsettle(key, deadline_after(self.settle));
+                } else {
+                    self.cache.invalidate(key);
+                }
             }
             self.cache.release(key);
         }

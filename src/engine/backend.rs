@@ -84,6 +84,16 @@ pub trait StateBackend: Send + Sync + 'static {
     /// The `faucet doctor` probe of the storage.
     async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError>;
 
+    /// How long after its caller gave up on it (dropped the call, or lost
+    /// the answer) a write may still commit in the storage. For that long
+    /// the cached store reads the key from the storage without caching what
+    /// it reads, so a read made before that write commits is not served
+    /// afterwards. The default, zero, says an abandoned write never lands
+    /// later.
+    fn abandoned_writes_settle_within(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// A feed of changes made to the storage by any writer, for
     /// [`listen_for_changes`](crate::CacheOptions::listen_for_changes);
     /// `None` (the default) when the storage publishes none. Called once,
@@ -207,6 +217,17 @@ impl StateBackend for PostgresStateStore {
 
     async fn check(&self, ctx: &CheckContext) -> Result<CheckReport, FaucetError> {
         StateStore::check(self, ctx).await
+    }
+
+    /// The server ends every message within `statement_timeout` of
+    /// receiving it, whatever it waits for (see `fence.rs` for a fenced
+    /// write), and the client gives a message one second more to arrive:
+    /// a write given up now can commit at most that long from now. (Where
+    /// the server checks for a vanished client, see `sql.rs`, it is ended
+    /// much sooner: this is the bound that holds without it.)
+    fn abandoned_writes_settle_within(&self) -> std::time::Duration {
+        self.statement_timeout()
+            .saturating_add(crate::exec::CLIENT_GRACE)
     }
 
     /// `LISTEN` on a connection of its own (not one of the store's pool),

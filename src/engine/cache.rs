@@ -34,6 +34,13 @@
 //!    `compare_and_put`, `put_batch`) is stored clean only if its stripe's
 //!    write stamp has not moved since before the statement was sent, so a
 //!    change reported in between is never hidden by it.
+//! 8. A key whose write outside the flusher was given up with its outcome
+//!    unknown (a dropped write-through put, `compare_and_put` or
+//!    `put_batch`, or one whose connection was lost) is *unsettled* until
+//!    the backend says that statement can no longer commit
+//!    ([`StateBackend::abandoned_writes_settle_within`](crate::StateBackend::abandoned_writes_settle_within)).
+//!    Meanwhile nothing read or written for the key is cached: a read could
+//!    see the table before that statement commits.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -150,10 +157,12 @@ pub(crate) enum Lookup {
 }
 
 /// Proof of when a read (or a write outside the flusher) began, for
-/// invariants 4 and 7.
+/// invariants 4, 7 and 8.
 pub(crate) struct FillTicket {
     stripe: usize,
     stamp: u64,
+    /// The key was not unsettled when the read began (invariant 8).
+    settled: bool,
 }
 
 /// Why [`Cache::stage`] did not take a write.
@@ -232,6 +241,10 @@ pub(crate) struct Cache {
     /// Clean entries may be served (see `changes.rs`, invariant 1); always
     /// true for a store that does not listen for changes.
     vouched: std::sync::atomic::AtomicBool,
+    /// Invariant 8: unsettled keys, each until when.
+    unsettled: Mutex<HashMap<Key, Instant>>,
+    /// `unsettled.len()`, read without the lock on every miss.
+    unsettled_count: AtomicUsize,
 }
 
 impl Cache {
@@ -249,6 +262,8 @@ impl Cache {
             capacity,
             holds: Holds::default(),
             vouched: std::sync::atomic::AtomicBool::new(true),
+            unsettled: Mutex::default(),
+            unsettled_count: AtomicUsize::new(0),
         }
     }
 
@@ -279,7 +294,11 @@ impl Cache {
             return Lookup::Hit(slot.value.clone());
         }
         counters.miss();
-        Lookup::Miss(FillTicket { stripe, stamp })
+        Lookup::Miss(FillTicket {
+            stripe,
+            stamp,
+            settled: self.is_settled(key),
+        })
     }
 
     /// Caches a value read from the backend, unless a write raced with the
@@ -291,7 +310,7 @@ impl Cache {
         ticket: FillTicket,
         counters: &Counters,
     ) {
-        if self.capacity == 0 || !self.is_vouched() {
+        if self.capacity == 0 || !self.is_vouched() || !ticket.settled {
             return;
         }
         let stamp = self.next_stamp();
@@ -566,6 +585,7 @@ impl Cache {
             lock(&self.queue).push(key.clone());
             return;
         };
+        let trusted = trusted && self.is_settled(key);
         self.dirty_count.fetch_sub(1, Ordering::SeqCst);
         self.room.add_permits(1);
         self.clean_count.fetch_add(1, Ordering::SeqCst);
@@ -589,7 +609,39 @@ impl Cache {
     pub(crate) fn write_ticket(&self, key: &str) -> FillTicket {
         let stripe = self.stripe_of(key);
         let stamp = self.write_stamps[stripe].load(Ordering::SeqCst);
-        FillTicket { stripe, stamp }
+        FillTicket {
+            stripe,
+            stamp,
+            settled: self.is_settled(key),
+        }
+    }
+
+    /// A write of `key` outside the flusher was given up with its outcome
+    /// unknown, and may commit until `until` (invariant 8): the cached
+    /// entry goes, and nothing is cached for the key until then.
+    pub(crate) fn unsettle(&self, key: &str, until: Instant) {
+        {
+            let mut unsettled = lock(&self.unsettled);
+            let at = unsettled.entry(Key::from(key)).or_insert(until);
+            *at = (*at).max(until);
+            self.unsettled_count
+                .store(unsettled.len(), Ordering::SeqCst);
+        }
+        self.invalidate(key);
+    }
+
+    /// Whether no write of `key` given up with an unknown outcome may still
+    /// commit (invariant 8); forgets the keys whose time has passed.
+    fn is_settled(&self, key: &str) -> bool {
+        if self.unsettled_count.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        let mut unsettled = lock(&self.unsettled);
+        let now = Instant::now();
+        unsettled.retain(|_, until| *until > now);
+        self.unsettled_count
+            .store(unsettled.len(), Ordering::SeqCst);
+        !unsettled.contains_key(key)
     }
 
     /// The backend committed `value` for `key` outside the flusher (a
@@ -606,7 +658,10 @@ impl Cache {
         ticket: FillTicket,
         counters: &Counters,
     ) {
-        if self.write_stamps[ticket.stripe].load(Ordering::SeqCst) != ticket.stamp {
+        if !ticket.settled
+            || self.write_stamps[ticket.stripe].load(Ordering::SeqCst) != ticket.stamp
+            || !self.is_settled(key)
+        {
             self.invalidate(key);
             return;
         }

@@ -507,12 +507,13 @@ impl<B: StateBackend> CachedStateStore<B> {
         let stripe = self.engine.cache.stripe_of(key);
         let _in_order = self.write_through_locks[stripe].lock().await;
         // If this future is dropped while the statement is in flight, the
-        // write may or may not have committed: the cached value can no longer
-        // be trusted, so the next read goes to the table.
-        let mut untrusted = InvalidateOnDrop {
+        // write may or may not have committed, and may even commit later:
+        // the key is read from the table, uncached, until it cannot.
+        let mut outcome = OutcomeGuard {
             cache: &self.engine.cache,
             key,
-            armed: true,
+            settle: self.engine.backend.abandoned_writes_settle_within(),
+            known: Known::No,
         };
         let ticket = self.engine.cache.write_ticket(key);
         let started = std::time::Instant::now();
@@ -525,11 +526,14 @@ impl<B: StateBackend> CachedStateStore<B> {
                 let counters = &self.engine.counters;
                 counters.record_batch(1, started.elapsed());
                 self.engine.cache.store_clean(key, value, ticket, counters);
-                untrusted.armed = false;
+                outcome.known = Known::Committed;
                 Ok(())
             }
             Err(error) => {
-                // The guard invalidates the key as it goes out of scope.
+                // The guard drops the key's entry as it goes out of scope.
+                if !matches!(error, BatchError::Transient(_)) {
+                    outcome.known = Known::NotWritten;
+                }
                 let what = if value.is_some() { "write" } else { "delete" };
                 Err(FaucetError::State(match error {
                     BatchError::Refused(error) => {
@@ -572,17 +576,33 @@ impl PostgresStateStore {
     }
 }
 
-/// Invalidates a key's cached value when dropped while armed.
-struct InvalidateOnDrop<'a> {
-    cache: &'a Cache,
-    key: &'a str,
-    armed: bool,
+/// What became of a write sent outside the flusher.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Known {
+    /// Nothing yet, or the answer was lost: it may commit, even later.
+    No,
+    /// It was not written (refused, fenced, or never sent).
+    NotWritten,
+    /// It committed, and the cache was told.
+    Committed,
 }
 
-impl Drop for InvalidateOnDrop<'_> {
+/// Makes the cache distrust a key its write left in doubt, when dropped:
+/// the entry goes; if the outcome is unknown, the key stays uncached until
+/// the write can no longer commit (cache invariant 8).
+struct OutcomeGuard<'a> {
+    cache: &'a Cache,
+    key: &'a str,
+    settle: Duration,
+    known: Known,
+}
+
+impl Drop for OutcomeGuard<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            self.cache.invalidate(self.key);
+        match self.known {
+            Known::Committed => {}
+            Known::NotWritten => self.cache.invalidate(self.key),
+            Known::No => self.cache.unsettle(self.key, deadline_after(self.settle)),
         }
     }
 }

@@ -26,6 +26,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use crate::error::{StoreError, describe_sqlx};
 use crate::session::SessionSettings;
+use crate::sql::CLIENT_CHECK_SESSION;
 
 /// How long a caller waits for a pool connection before giving up.
 pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,6 +91,8 @@ pub(crate) async fn connect_pool(
             ),
         })?
         .map_err(connect_error)?;
+    let mut first = first;
+    session.set_client_check(accepts_client_check(&mut first).await);
     // The pool opens its own connections; this one has done its job. A
     // close that hangs is abandoned (the socket is dropped with it).
     let _ = tokio::time::timeout(ACQUIRE_TIMEOUT, first.close()).await;
@@ -97,6 +100,14 @@ pub(crate) async fn connect_pool(
         .connect_with(options)
         .await
         .map_err(connect_error)
+}
+
+/// Whether the server accepts `client_connection_check_interval`
+/// (PostgreSQL 14 and later, on platforms that can watch a socket for a
+/// closed peer): asked once, on the first connection, by setting it there.
+async fn accepts_client_check(conn: &mut PgConnection) -> bool {
+    let set = sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(CLIENT_CHECK_SESSION));
+    matches!(tokio::time::timeout(ACQUIRE_TIMEOUT, set).await, Ok(Ok(_)))
 }
 
 /// Renders a connection URL with its password replaced by `***`, both in the

@@ -73,6 +73,9 @@ pub struct PostgresStateStore {
     max_value_bytes: usize,
     /// The scope this store claimed, if fenced (see `fence.rs`).
     fence: Option<Fence>,
+    /// Messages ask the server to end them once their client is gone (see
+    /// `sql.rs`); known for pools this store opened.
+    client_check: bool,
 }
 
 impl PostgresStateStore {
@@ -109,7 +112,9 @@ impl PostgresStateStore {
         let session = Arc::new(SessionSettings::new(DEFAULT_STATEMENT_TIMEOUT));
         let pool = connect_pool(url, max_connections, session.clone()).await?;
         let mut store = Self::with_table(pool, table);
+        store.client_check = session.client_check();
         store.session = Some(session);
+        store.sql = store.statements(DEFAULT_STATEMENT_TIMEOUT);
         Ok(store)
     }
 
@@ -145,12 +150,16 @@ impl PostgresStateStore {
             table,
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             fence: None,
+            client_check: false,
         }
     }
 
     /// Every statement, bounded by `timeout`, writes guarded by the fence.
     fn statements(&self, timeout: Duration) -> Statements {
-        let statements = Statements::new(&self.table, timeout);
+        let mut statements = Statements::new(&self.table, timeout);
+        if self.client_check {
+            statements = statements.checking_the_client();
+        }
         match &self.fence {
             Some(fence) => statements.guarded(fence.guard(&self.table, timeout)),
             None => statements,

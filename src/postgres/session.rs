@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::lock::lock;
-use crate::sql::timeout_millis;
+use crate::sql::{CLIENT_CHECK_SESSION, timeout_millis};
 
 /// What every connection of one pool should have set, and since when.
 #[derive(Debug)]
@@ -26,6 +26,9 @@ pub(crate) struct SessionSettings {
     timeout_ms: AtomicU64,
     /// When `prepared` or `timeout_ms` last changed.
     changed_at: Mutex<Instant>,
+    /// The server accepts `client_connection_check_interval` (see
+    /// `sql.rs`); set once, before the pool opens its first connection.
+    client_check: AtomicBool,
 }
 
 impl SessionSettings {
@@ -34,7 +37,17 @@ impl SessionSettings {
             prepared: AtomicBool::new(false),
             timeout_ms: AtomicU64::new(timeout_millis(timeout)),
             changed_at: Mutex::new(Instant::now()),
+            client_check: AtomicBool::new(false),
         }
+    }
+
+    pub(crate) fn set_client_check(&self, accepted: bool) {
+        self.client_check.store(accepted, Ordering::SeqCst);
+    }
+
+    /// Whether messages should carry the client check (see `sql.rs`).
+    pub(crate) fn client_check(&self) -> bool {
+        self.client_check.load(Ordering::SeqCst)
     }
 
     /// Records the store's mode and timeout. The values change before the
@@ -46,13 +59,19 @@ impl SessionSettings {
         *lock(&self.changed_at) = Instant::now();
     }
 
-    /// The statement a new connection runs, if any.
+    /// The statement a new connection runs, if any: prepared statements
+    /// carry no prelude, so their bounds are the session's.
     pub(crate) fn on_connect_sql(&self) -> Option<String> {
         self.prepared.load(Ordering::SeqCst).then(|| {
-            format!(
+            let mut sql = format!(
                 "SET statement_timeout = {}",
                 self.timeout_ms.load(Ordering::SeqCst)
-            )
+            );
+            if self.client_check() {
+                sql.push_str("; ");
+                sql.push_str(CLIENT_CHECK_SESSION);
+            }
+            sql
         })
     }
 

@@ -129,6 +129,15 @@ fn push_array_element(sql: &mut String, text: &str) {
 /// The most PostgreSQL's `statement_timeout` holds: `INT_MAX` milliseconds.
 const MAX_TIMEOUT_MS: u128 = i32::MAX as u128;
 
+/// How often the server checks, while running a statement, that the client
+/// is still connected (see [`Statements::checking_the_client`]): every
+/// 100 ms, one `poll()` on the socket each time.
+const CLIENT_CHECK_LOCAL: &str = "SET LOCAL client_connection_check_interval = '100ms'; ";
+
+/// The session form of [`CLIENT_CHECK_LOCAL`], for prepared statements,
+/// which carry no prelude.
+pub(crate) const CLIENT_CHECK_SESSION: &str = "SET client_connection_check_interval = 100";
+
 /// A statement timeout as whole milliseconds the server accepts: at least 1
 /// (0 would turn the limit off) and at most `INT_MAX`.
 pub(crate) fn timeout_millis(timeout: Duration) -> u64 {
@@ -145,6 +154,18 @@ impl Statements {
             ),
             guard: String::new(),
         }
+    }
+
+    /// The same statements, each message also telling the server to check
+    /// every 100 ms whether the client is still there
+    /// (`client_connection_check_interval`, PostgreSQL 14 and later): a
+    /// message whose caller gave up and closed its connection is then
+    /// ended and rolled back by the server, instead of running on, waiting
+    /// for a lock, and committing later. Only for servers that accept the
+    /// setting (see `connect.rs`).
+    pub(crate) fn checking_the_client(mut self) -> Self {
+        self.prelude.push_str(CLIENT_CHECK_LOCAL);
+        self
     }
 
     /// The same statements, each write preceded by a fence's `guard`.
@@ -496,6 +517,15 @@ mod tests {
             );
             assert_eq!(statement.matches("SET LOCAL").count(), 1, "{statement}");
         }
+        let checking = Statements::new(&table, Duration::from_millis(1500)).checking_the_client();
+        assert!(
+            checking.get("k").starts_with(
+                "SET LOCAL statement_timeout = '1500ms'; \
+                 SET LOCAL client_connection_check_interval = '100ms'; SELECT"
+            ),
+            "{}",
+            checking.get("k")
+        );
         assert_eq!(timeout_millis(Duration::ZERO), 1);
         assert_eq!(timeout_millis(Duration::MAX), i32::MAX as u64);
     }
