@@ -146,14 +146,23 @@
 //! 9. **Cancellation is safe.** Every public async method may be dropped at
 //!    any await (a `timeout`, `select!`, an aborted task). A dropped `get`
 //!    caches nothing. A dropped `compare_and_put`/`put_batch` releases its
-//!    keys and drops their cached entries (it may or may not have applied). A dropped buffered `put`/`delete` was either not staged
+//!    keys and drops their cached entries (it may or may not have applied).
+//!    A dropped buffered `put`/`delete` was either not staged
 //!    (it was waiting for room) or is staged and will be persisted like any
 //!    other. A dropped write-through `put` may or may not have committed, so
-//!    its key is read from the table next. A dropped `flush()` changes
+//!    its key is read from the table next. Until such a statement can no
+//!    longer commit ([`StateBackend::abandoned_writes_settle_within`]:
+//!    `statement_timeout` plus one second for PostgreSQL), nothing read or
+//!    written for its keys is cached, so a read taken before it commits is
+//!    never served after. A dropped `flush()` changes
 //!    nothing. A dropped `shutdown()` has already refused later writes; call
 //!    it again to finish. The store owns its flusher until it is dropped:
-//!    dropping it aborts the flusher, which sends nothing more. Concurrent
-//!    `shutdown()` calls report the same outcome. *(`tests/cancellation.rs`)*
+//!    dropping it aborts the flusher, which sends nothing more, and closes
+//!    the connection of a batch in flight; the server then ends that batch
+//!    instead of committing it later (on servers that check for a vanished
+//!    client, see *Connections* below). Concurrent
+//!    `shutdown()` calls report the same outcome. *(`tests/cancellation.rs`,
+//!    `tests/abandoned_statements.rs`)*
 //! 10. **Every wait has a deadline.** A write-through or group-commit
 //!     `put`/`delete` and `flush()` return an error after
 //!     [`write_timeout`](CacheOptions::write_timeout) (default 30 s) when their
@@ -284,6 +293,20 @@
 //! server's end of each connection (30 s idle, then a probe every 10 s, 3
 //! probes), so a backend whose client vanished is ended within about a
 //! minute; that one socket setting is the only session state they leave.
+//!
+//! A statement whose caller gave up (a dropped future, a dropped store) has
+//! its connection closed, but PostgreSQL notices a closed connection only
+//! when it next writes to it: a statement waiting for a lock would wait on
+//! and commit later. So where the server accepts it (PostgreSQL 14 and later
+//! on Linux, macOS and the BSDs; asked once, on the first connection),
+//! every message of the stores that `connect`/`connect_with` open also sets
+//! `client_connection_check_interval` to 100 ms for its own transaction (for
+//! prepared statements, for the session), and the server ends and rolls back
+//! a statement within about 100 ms of its client going away. Through a
+//! transaction pooler this relies on the pooler closing the server
+//! connection of a client that left mid-transaction, as PgBouncer does. A
+//! pool given to [`from_pool`](PostgresStateStore::from_pool) keeps its own
+//! settings; set the parameter there (or on the server) to get the same.
 //!
 //! On connections that keep their session (not a transaction pooler),
 //! [`with_prepared_statements`](PostgresStateStore::with_prepared_statements)
