@@ -1227,3 +1227,155 @@ async fn bad_input_gets_clear_errors_and_the_store_keeps_serving() {
         "bad-input: {refused} bad inputs refused with a clear error, the store kept serving; 0 acknowledged writes lost"
     ));
 }
+
+// ── Fencing with real timing (issue 21) ───────────────────────────────────
+
+/// A fenced cached store on its own pool, as an instance of a pipeline.
+async fn fenced_instance(url: &str, table: &str, mode: Durability) -> CachedStateStore {
+    plain_table(url, table)
+        .await
+        .fence("pipeline")
+        .await
+        .unwrap()
+        .cached(options(mode))
+        .unwrap()
+}
+
+/// The old instance writes; it pauses (its buffer flushed) while an
+/// operator truncates the table and a new instance claims the scope, then
+/// writes on, as a stale instance that slept through both would. No write
+/// of the old instance may land after the truncate, in every mode.
+/// Checked to fail without the fix: the new claim got epoch 1 again, the
+/// old instance's epoch, and its writes landed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_between_two_claims_leaves_the_old_instance_fenced() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let url = support::database_url();
+    let admin = quick_pool(&url).await;
+    for mode in MODES {
+        let table = support::unique_table("truncate_claims");
+        let old = Arc::new(fenced_instance(&url, &table, mode).await);
+        let (paused, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let writer = tokio::spawn({
+            let (old, paused, stop) = (old.clone(), paused.clone(), stop.clone());
+            async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    if !paused.load(Ordering::SeqCst) {
+                        n += 1;
+                        let value = json!({"by": "old", "n": n});
+                        let _ = old.put(&format!("k{}", n % 8), &value).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                n
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        paused.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        old.flush().await.unwrap();
+        sqlx::query(&format!("TRUNCATE \"{table}\""))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let new = fenced_instance(&url, &table, mode).await;
+        paused.store(false, Ordering::SeqCst);
+        for k in 0..8 {
+            new.put(&format!("k{k}"), &json!({"by": "new"}))
+                .await
+                .unwrap();
+        }
+        new.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.store(true, Ordering::SeqCst);
+        let writes = writer.await.unwrap();
+        let flushed = old.flush().await;
+        let old_rows: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM \"{table}\" WHERE value->>'by' = 'old'"
+        ))
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        report(&format!(
+            "truncate-claims[{}]: {writes} writes by the old instance, paused across a truncate \
+             and a new claim, {old_rows} of them in the table afterwards",
+            mode_name(mode)
+        ));
+        assert_eq!(
+            old_rows, 0,
+            "{mode:?}: a write of the old instance landed after the truncate"
+        );
+        assert!(
+            flushed.is_err(),
+            "{mode:?}: the old instance flushed after the new claim"
+        );
+        assert!(old.shutdown().await.is_err());
+        new.shutdown().await.unwrap();
+    }
+}
+
+/// A slow guard: the fence row is locked for most of the statement timeout
+/// (the guard waits), then the bookmark's row (the write waits). In every
+/// mode, the server ends the message within one statement timeout: the
+/// caller is told so by the server (SQLSTATE 57014), not by its own
+/// deadline, which would mean the message was still running. Checked to
+/// fail without the fix: the write-through put failed on the client's
+/// deadline ("did not answer").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_guard_and_a_slow_write_end_within_one_statement_timeout() {
+    let url = support::database_url();
+    let admin = quick_pool(&url).await;
+    for mode in MODES {
+        let table = support::unique_table("slow_guard");
+        let plain = plain_table(&url, &table)
+            .await
+            .with_statement_timeout(Duration::from_secs(2))
+            .fence("pipeline")
+            .await
+            .unwrap();
+        plain.put("k", &json!(0)).await.unwrap();
+        let store = Arc::new(
+            plain
+                .cached(options(mode).retry_backoff_max(Duration::from_secs(60)))
+                .unwrap(),
+        );
+        let mut fence_locked = admin.begin().await.unwrap();
+        sqlx::query(&format!(
+            "SELECT 1 FROM \"{table}\" WHERE key = '#fence:pipeline' FOR UPDATE"
+        ))
+        .execute(&mut *fence_locked)
+        .await
+        .unwrap();
+        let mut row_locked = admin.begin().await.unwrap();
+        sqlx::query(&format!(
+            "SELECT 1 FROM \"{table}\" WHERE key = 'k' FOR UPDATE"
+        ))
+        .execute(&mut *row_locked)
+        .await
+        .unwrap();
+        let call = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store.put("k", &json!(1)).await?;
+                store.flush().await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        fence_locked.commit().await.unwrap();
+        let error = call.await.unwrap().unwrap_err().to_string();
+        row_locked.commit().await.unwrap();
+        report(&format!(
+            "slow-guard[{}]: guard held 1.2 s, write blocked after it, 2 s budget: {error}",
+            mode_name(mode)
+        ));
+        assert!(
+            error.contains("statement timeout") && !error.contains("did not answer"),
+            "{mode:?}: {error}"
+        );
+        drop(store);
+    }
+}
