@@ -497,6 +497,64 @@ async fn an_outage_longer_than_the_quiet_check_leaves_no_stale_read() {
     store.shutdown().await.unwrap();
 }
 
+/// The listening connection stalls (a partition: nothing forwarded, nothing
+/// closed) for longer than the quiet check and its liveness query's
+/// deadline, while another writer changes a key; then the network heals.
+/// The feed must report the loss, subscribe again on a new connection and
+/// the change must come to be read. Checked to fail with one pool shared by
+/// every subscription: sqlx's `UNLISTEN *` on the dropped listener's stalled
+/// connection never ended and kept the pool's only connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_listening_connection_is_replaced_and_leaves_no_stale_read() {
+    let url = support::database_url();
+    let proxy = Arc::new(FaultProxy::start(fault_support::port_of(&url)).await);
+    let proxied_url = fault_support::with_port(&url, proxy.port());
+    let table = support::unique_table("listener_stall");
+    let writer = plain_table(&url, &table).await;
+    writer.ensure_change_notifications().await.unwrap();
+    writer.put("k", &json!("v1")).await.unwrap();
+    let store = PostgresStateStore::connect_with(&proxied_url, 3, &table)
+        .await
+        .unwrap()
+        .cached(options(Durability::GroupCommit).listen_for_changes(true))
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !store.stats().listening {
+        assert!(tokio::time::Instant::now() < deadline, "never listening");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.get("k").await.unwrap(), Some(json!("v1")));
+
+    proxy.stall(true);
+    writer.put("k", &json!("v2")).await.unwrap();
+    // Past the 5 s quiet check and the 10 s deadline of its liveness query.
+    let mut lost_seen = false;
+    let stalled = tokio::time::Instant::now();
+    while stalled.elapsed() < Duration::from_secs(16) {
+        lost_seen |= !store.stats().listening;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.stall(false);
+    assert!(lost_seen, "the feed never reported the stalled connection");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listening = store.stats().listening;
+        if listening && store.get("k").await.ok() == Some(Some(json!("v2"))) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not listening again with the change read within 30 s (listening: {listening})"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    report(
+        "listener-stall: a 16 s stall of the listening connection, 1 change meanwhile: the loss was reported, the feed subscribed again, the change was read",
+    );
+    store.shutdown().await.unwrap();
+}
+
 // ── Stalled connections ───────────────────────────────────────────────────
 
 /// A proxy stops forwarding without closing anything (a network partition)

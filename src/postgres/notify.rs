@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::PgPool;
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 
 use crate::changes::{Change, ChangeFeed};
 use crate::config::TableName;
@@ -103,8 +103,11 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Invariants:
 /// - The feed never uses the store's pool: a listener holds its connection
 ///   for good, and in a pool of one it would leave nothing for reads and
-///   writes. It has a pool of one connection, opened with the store's
-///   connection options.
+///   writes. Each subscription opens a pool of one connection of its own,
+///   with the store's connection options. Not one pool for all of them:
+///   sqlx sends `UNLISTEN *` on a dropped listener's connection before
+///   giving it back, which never ends on a stalled connection, and would
+///   keep a shared pool's only connection from every later subscription.
 /// - One subscription is one server session. sqlx's listener reconnects by
 ///   itself (inside `try_recv`, or when a query is run through it), and
 ///   notifications sent while no session listened are lost without a
@@ -112,7 +115,7 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 ///   ends the subscription, and the liveness check compares the session's
 ///   backend pid with the one that subscribed: a new session is a loss.
 pub(crate) struct PgChangeFeed {
-    pool: PgPool,
+    options: PgConnectOptions,
     table: String,
     listener: Option<Subscription>,
     /// Whether `Listening` was reported since the last `Lost`.
@@ -129,17 +132,8 @@ struct Subscription {
 impl PgChangeFeed {
     /// A feed on its own connection to the server `store_pool` connects to.
     pub(crate) fn new(store_pool: &PgPool, table: &str) -> Self {
-        let options = (*store_pool.connect_options()).clone();
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .min_connections(0)
-            .acquire_timeout(DEADLINE)
-            .test_before_acquire(false)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_lazy_with(options);
         Self {
-            pool,
+            options: (*store_pool.connect_options()).clone(),
             table: table.to_owned(),
             listener: None,
             listening: false,
@@ -148,8 +142,16 @@ impl PgChangeFeed {
     }
 
     async fn subscribe(&self) -> Result<Subscription, String> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(DEADLINE)
+            .test_before_acquire(false)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_lazy_with(self.options.clone());
         let subscribed = tokio::time::timeout(DEADLINE, async {
-            let mut listener = PgListener::connect_with(&self.pool).await?;
+            let mut listener = PgListener::connect_with(&pool).await?;
             listener.eager_reconnect(false);
             listener.listen(CHANNEL).await?;
             let pid = backend_pid(&mut listener).await?;
