@@ -417,6 +417,36 @@ async fn a_cut_listener_leaves_no_stale_read() {
     store.shutdown().await.unwrap();
 }
 
+/// A group-commit store listening for changes, connected through a fault
+/// proxy, that has `k = "v1"` cached and is subscribed; and a plain store,
+/// connected directly, to change the table behind its back. The listening
+/// store is opened as users open it (`connect_with`: the pool's own 10 s
+/// acquire timeout), not on the suite's quick pool, so that a reconnect can
+/// outlast the feed's quiet check.
+async fn listening_behind_a_proxy(
+    tag: &str,
+) -> (Arc<FaultProxy>, PostgresStateStore, CachedStateStore) {
+    let url = support::database_url();
+    let proxy = Arc::new(FaultProxy::start(fault_support::port_of(&url)).await);
+    let proxied_url = fault_support::with_port(&url, proxy.port());
+    let table = support::unique_table(tag);
+    let writer = plain_table(&url, &table).await;
+    writer.ensure_change_notifications().await.unwrap();
+    writer.put("k", &json!("v1")).await.unwrap();
+    let store = PostgresStateStore::connect_with(&proxied_url, 3, &table)
+        .await
+        .unwrap()
+        .cached(options(Durability::GroupCommit).listen_for_changes(true))
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !store.stats().listening {
+        assert!(tokio::time::Instant::now() < deadline, "never listening");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.get("k").await.unwrap(), Some(json!("v1")));
+    (proxy, writer, store)
+}
+
 /// Issue 21, item 2: an outage longer than the feed's 5 s quiet check,
 /// while another writer changes a key. The listening store's connections
 /// go through a proxy that goes down for 6 s (open connections closed in an
@@ -431,31 +461,8 @@ async fn a_cut_listener_leaves_no_stale_read() {
 /// 30 s, with `listening` true all along.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_the_quiet_check_leaves_no_stale_read() {
-    let url = support::database_url();
-    let proxy = Arc::new(FaultProxy::start(fault_support::port_of(&url)).await);
-    let proxied_url = fault_support::with_port(&url, proxy.port());
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .try_init();
-    let table = support::unique_table("listener_outage");
-    let writer = plain_table(&url, &table).await;
-    writer.ensure_change_notifications().await.unwrap();
-    writer.put("k", &json!("v1")).await.unwrap();
-    // Opened as users open it (the pool's own 10 s acquire timeout), not on
-    // the suite's quick pool: the reconnect must be able to outlast the
-    // quiet check.
-    let store = PostgresStateStore::connect_with(&proxied_url, 3, &table)
-        .await
-        .unwrap()
-        .cached(options(Durability::GroupCommit).listen_for_changes(true))
-        .unwrap();
+    let (proxy, writer, store) = listening_behind_a_proxy("listener_outage").await;
     let listening = |store: &CachedStateStore| store.stats().listening;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !listening(&store) {
-        assert!(tokio::time::Instant::now() < deadline, "never listening");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(store.get("k").await.unwrap(), Some(json!("v1")));
     let hits = store.stats().cache_hits;
     assert_eq!(store.get("k").await.unwrap(), Some(json!("v1")));
     assert_eq!(
@@ -506,24 +513,7 @@ async fn an_outage_longer_than_the_quiet_check_leaves_no_stale_read() {
 /// connection never ended and kept the pool's only connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_listening_connection_is_replaced_and_leaves_no_stale_read() {
-    let url = support::database_url();
-    let proxy = Arc::new(FaultProxy::start(fault_support::port_of(&url)).await);
-    let proxied_url = fault_support::with_port(&url, proxy.port());
-    let table = support::unique_table("listener_stall");
-    let writer = plain_table(&url, &table).await;
-    writer.ensure_change_notifications().await.unwrap();
-    writer.put("k", &json!("v1")).await.unwrap();
-    let store = PostgresStateStore::connect_with(&proxied_url, 3, &table)
-        .await
-        .unwrap()
-        .cached(options(Durability::GroupCommit).listen_for_changes(true))
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !store.stats().listening {
-        assert!(tokio::time::Instant::now() < deadline, "never listening");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(store.get("k").await.unwrap(), Some(json!("v1")));
+    let (proxy, writer, store) = listening_behind_a_proxy("listener_stall").await;
 
     proxy.stall(true);
     writer.put("k", &json!("v2")).await.unwrap();
