@@ -190,9 +190,12 @@
 //!     and deletes of those keys through this store wait until it ends (at
 //!     most `write_timeout`). When the table disagrees, or the outcome is
 //!     unknown (an error, a time-out, a dropped call), the keys' cached
-//!     entries are dropped, so the next read goes to the table.
+//!     entries are dropped, so the next read goes to the table; while a
+//!     statement with an unknown outcome may still commit, what is read for
+//!     its keys is not cached (see 9).
 //!     `put_batch` is one statement: all or nothing, validation included.
-//!     *(`tests/atomic_ops.rs`, the conformance suite's `claim_race`)*
+//!     *(`tests/atomic_ops.rs`, the conformance suite's `claim_race`,
+//!     `tests/abandoned_statements.rs`)*
 //! 13. **Fencing.** Over a plain store opened with
 //!     [`fence(scope)`](PostgresStateStore::fence), once a newer instance has
 //!     claimed the scope no write of this store lands: each write checks the
