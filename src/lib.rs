@@ -228,12 +228,18 @@
 //!     read from the table, not served from memory (a write-through `put`,
 //!     `compare_and_put` and `put_batch` likewise cache what they wrote only
 //!     if no change was reported while they were in flight)
-//!     *(`tests/coherence_interleavings.rs`)*. The feed listens on a connection of its own, and a
-//!     new session under it counts as a lost connection.
-//!     *(`tests/coherence.rs`, across two processes in
+//!     *(`tests/coherence_interleavings.rs`)*. The feed listens on a
+//!     connection of its own, and a new session under it counts as a lost
+//!     connection. *(`tests/coherence.rs`, across two processes in
 //!     `changes_cross_process_boundaries_both_ways`, on a pool of one in
-//!     `a_listening_store_on_a_pool_of_one_reads_and_writes`; `tests/faults.rs`:
-//!     `an_outage_longer_than_the_quiet_check_leaves_no_stale_read`)* Without notifications,
+//!     `a_listening_store_on_a_pool_of_one_reads_and_writes`;
+//!     `tests/faults.rs`: `an_outage_longer_than_the_quiet_check_leaves_no_stale_read`,
+//!     `a_stalled_listening_connection_is_replaced_and_leaves_no_stale_read`)*
+//!     The limit: a change that fires no trigger sends no notification (a
+//!     session with `session_replication_role = replica`, as logical
+//!     replication's apply worker and `pg_restore --disable-triggers` use,
+//!     or a table whose triggers were disabled); such a change is seen once
+//!     the entry is evicted or `cache_ttl` passes. Without notifications,
 //!     [`cache_ttl`](CacheOptions::cache_ttl) bounds staleness: no clean
 //!     entry is served for longer than one period.
 //!     *(`cache_ttl_bounds_how_long_a_clean_entry_is_served`)*
