@@ -368,3 +368,9 @@ pub use memory::{MemoryBackend, Pause};
 pub use pg::PostgresStateStore;
 pub use settings::PostgresStateConfig;
 pub use stats::{CacheStats, RefusedWrite, metric_names};
+
+/// The module path of 1.5.1, so code written against it compiles unchanged:
+/// `faucet_state_postgres::store::{PostgresStateStore, DEFAULT_TABLE}`.
+pub mod store {
+    pub use crate::{DEFAULT_TABLE, PostgresStateStore};
+}

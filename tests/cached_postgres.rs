@@ -29,7 +29,7 @@ async fn plain_on(url: &str, tag: &str) -> PostgresStateStore {
         .connect_with(options)
         .await
         .unwrap();
-    let store = PostgresStateStore::from_pool(pool, &support::unique_table(tag)).unwrap();
+    let store = PostgresStateStore::from_pool(pool, support::unique_table(tag)).unwrap();
     store.ensure_table().await.unwrap();
     store
 }

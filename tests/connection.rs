@@ -289,7 +289,7 @@ async fn a_role_with_only_row_rights_can_use_but_not_create_the_table() {
         return;
     }
     let missing =
-        PostgresStateStore::from_pool(role_pool, &support::unique_table("not_there")).unwrap();
+        PostgresStateStore::from_pool(role_pool, support::unique_table("not_there")).unwrap();
     let err = missing.ensure_table().await.unwrap_err().to_string();
     assert!(
         err.contains("create the table out of band") && err.contains("CREATE TABLE IF NOT EXISTS"),

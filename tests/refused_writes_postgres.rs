@@ -20,7 +20,7 @@ async fn plain_on(url: &str, tag: &str) -> PostgresStateStore {
         .connect(url)
         .await
         .unwrap();
-    let store = PostgresStateStore::from_pool(pool, &support::unique_table(tag)).unwrap();
+    let store = PostgresStateStore::from_pool(pool, support::unique_table(tag)).unwrap();
     store.ensure_table().await.unwrap();
     store
 }

@@ -139,8 +139,8 @@ impl PostgresStateStore {
     ///     store.pool().clone(), "bad-name").is_err());
     /// # }
     /// ```
-    pub fn from_pool(pool: PgPool, table: &str) -> Result<Self, FaucetError> {
-        Ok(Self::with_table(pool, TableName::parse(table)?))
+    pub fn from_pool(pool: PgPool, table: impl Into<String>) -> Result<Self, FaucetError> {
+        Ok(Self::with_table(pool, TableName::parse(table.into())?))
     }
 
     fn with_table(pool: PgPool, table: TableName) -> Self {
