@@ -264,8 +264,11 @@
 //! Values are stored as themselves, so the table can be read and edited with
 //! plain SQL. The exceptions are values that JSONB cannot hold (U+0000 in a
 //! string or object key) and objects that could be mistaken for the encoding
-//! itself; those are stored as `{"$faucet_state_encoded": "<JSON text>"}`
-//! and decoded transparently (see [`ENVELOPE_KEY`]).
+//! itself; those are stored as `{"$faucet_nul_escaped_json": "<JSON text>"}`,
+//! the envelope of the published 1.5.1, and decoded transparently, so rows
+//! are interchangeable with 1.5.1 both ways (see [`ENVELOPE_KEY`]; the
+//! envelope this crate wrote before 1.6, [`EARLIER_ENVELOPE_KEY`], is still
+//! read). `compare_and_put` compares values, not stored text.
 //!
 //! # Validation
 //!
@@ -357,7 +360,7 @@ use postgres::{codec, connect, exec, fence, notify, pg, probe, reserve, schema, 
 pub use backend::{BatchError, StateBackend};
 pub use cached::CachedStateStore;
 pub use changes::{Change, ChangeFeed};
-pub use codec::{ENVELOPE_KEY, MAX_DEPTH};
+pub use codec::{EARLIER_ENVELOPE_KEY, ENVELOPE_KEY, MAX_DEPTH};
 pub use config::{
     CacheOptions, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_VALUE_BYTES,
     DEFAULT_TABLE, Durability,

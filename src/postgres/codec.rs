@@ -2,21 +2,29 @@
 //!
 //! Most values are stored as themselves, so the table stays readable with
 //! plain SQL. Two kinds of value cannot be, and are wrapped in an *envelope*,
-//! a one-key object whose string member is the value's JSON text:
+//! a one-key object whose string member is the value's JSON text, in the
+//! form the published 1.5.1 writes and reads:
 //!
 //! ```json
-//! {"$faucet_state_encoded": "{\"cursor\":\"a\\u0000b\"}"}
+//! {"$faucet_nul_escaped_json": "{\"cursor\":\"a\\u0000b\"}"}
 //! ```
 //!
 //! 1. Values holding U+0000 in any string or object key: JSONB rejects that
 //!    code point, but its escaped form `\u0000` in the JSON text is ordinary
 //!    characters.
-//! 2. Objects that already have a top-level `$faucet_state_encoded` member, so
-//!    that a user value can never be mistaken for an envelope.
+//! 2. Objects that have a top-level member named like either envelope
+//!    ([`ENVELOPE_KEY`], or [`EARLIER_ENVELOPE_KEY`] of this crate's releases
+//!    before 1.6), so that a user value can never be mistaken for one.
 //!
-//! Decoding unwraps exactly the objects that have one member, named
-//! `$faucet_state_encoded`, holding a string. Because encoding wraps every
-//! object with that member (a superset), the mapping is one-to-one.
+//! Decoding unwraps exactly the objects that have one member, named like
+//! either envelope, holding a string. Because encoding wraps every object
+//! with such a member (a superset), the mapping is one-to-one for rows this
+//! crate writes. Rows are interchangeable with 1.5.1 both ways: 1.5.1 wraps
+//! the values of rule 1 and the one-member objects of [`ENVELOPE_KEY`] with a
+//! string, and unwraps the same shape this crate writes. The one row this
+//! crate reads differently from 1.5.1: an object written by 1.5.1 whose only
+//! member is [`EARLIER_ENVELOPE_KEY`] holding a string (1.5.1 stores it as
+//! itself; this crate takes it for an envelope of its earlier releases).
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -26,8 +34,26 @@ use serde_json::ser::{CharEscape, CompactFormatter, Formatter};
 
 use crate::error::StoreError;
 
-/// Name of the single member of an envelope object.
-pub const ENVELOPE_KEY: &str = "$faucet_state_encoded";
+/// Name of the single member of an envelope object, as the published 1.5.1
+/// writes it (since 1.6).
+pub const ENVELOPE_KEY: &str = "$faucet_nul_escaped_json";
+
+/// The envelope member this crate wrote before 1.6; still read, never
+/// written.
+pub const EARLIER_ENVELOPE_KEY: &str = "$faucet_state_encoded";
+
+/// Whether `stored` (text made by [`encode`]) is an envelope.
+pub(crate) fn is_envelope(stored: &str) -> bool {
+    stored
+        .strip_prefix("{\"")
+        .and_then(|rest| rest.strip_prefix(ENVELOPE_KEY))
+        .is_some_and(|rest| rest.starts_with("\":"))
+}
+
+/// Whether `key` names either envelope's member.
+fn is_envelope_key(key: &str) -> bool {
+    key == ENVELOPE_KEY || key == EARLIER_ENVELOPE_KEY
+}
 
 /// Deepest nesting of arrays and objects a value may have.
 ///
@@ -169,7 +195,7 @@ fn enveloped_within_limit(
     let needs_envelope = has_nul
         || value
             .as_object()
-            .is_some_and(|map| map.contains_key(ENVELOPE_KEY));
+            .is_some_and(|map| map.keys().any(|member| is_envelope_key(member)));
     if !needs_envelope {
         within_limit(key, text.len(), max_bytes)?;
         return Ok(None);
@@ -223,8 +249,8 @@ pub(crate) fn decode(key: &str, table: &str, stored: Value) -> Result<Value, Sto
     let Value::Object(map) = &stored else {
         return Ok(stored);
     };
-    let text = match map.get(ENVELOPE_KEY) {
-        Some(Value::String(text)) if map.len() == 1 => text,
+    let text = match map.iter().next() {
+        Some((member, Value::String(text))) if map.len() == 1 && is_envelope_key(member) => text,
         _ => return Ok(stored),
     };
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
@@ -281,20 +307,33 @@ mod tests {
             json!([{"deep": ["x\u{0}"]}]),
         ] {
             let text = encode("k", &value, usize::MAX).unwrap();
-            assert!(text.starts_with("{\"$faucet_state_encoded\""), "{text}");
+            assert!(text.starts_with("{\"$faucet_nul_escaped_json\""), "{text}");
             assert_eq!(round_trip(value.clone()), value);
         }
     }
 
     #[test]
     fn user_objects_shaped_like_an_envelope_survive() {
-        for value in [
-            json!({ENVELOPE_KEY: "[1,2]"}),
-            json!({ENVELOPE_KEY: 5}),
-            json!({ENVELOPE_KEY: "x", "other": 1}),
-        ] {
-            assert_eq!(round_trip(value.clone()), value);
+        for key in [ENVELOPE_KEY, EARLIER_ENVELOPE_KEY] {
+            for value in [
+                json!({key: "[1,2]"}),
+                json!({key: 5}),
+                json!({key: "x", "other": 1}),
+                json!({ENVELOPE_KEY: "[1]", EARLIER_ENVELOPE_KEY: "[2]"}),
+            ] {
+                assert_eq!(round_trip(value.clone()), value);
+            }
         }
+    }
+
+    /// Issue 22, item 2: what this crate's releases before 1.6 wrote is
+    /// still read; what 1.5.1 writes (its envelope) is read as 1.5.1 reads it.
+    #[test]
+    fn envelopes_of_earlier_releases_and_of_1_5_1_are_read() {
+        let earlier = json!({EARLIER_ENVELOPE_KEY: "\"a\\u0000b\""});
+        assert_eq!(decode("k", "t", earlier).unwrap(), json!("a\u{0}b"));
+        let published = json!({"$faucet_nul_escaped_json": "\"a\\u0000b\""});
+        assert_eq!(decode("k", "t", published).unwrap(), json!("a\u{0}b"));
     }
 
     #[test]

@@ -488,9 +488,15 @@ impl PostgresStateStore {
     ) -> Result<bool, StoreError> {
         // Encoded as a stored value would be (the envelope included), so
         // that it compares equal to the row a put of it wrote.
+        let expected_value = expected;
         let expected = expected
             .map(|expected| codec::encode(key, expected, usize::MAX))
             .transpose()?;
+        if let (Some(value), Some(stored)) = (expected_value, expected.as_deref())
+            && codec::is_envelope(stored)
+        {
+            return self.compare_enveloped_and_put(key, value, text).await;
+        }
         let exec = &self.exec;
         let sent = match (self.prepared_writes(), expected.as_deref()) {
             (None, expected) => {
@@ -509,6 +515,39 @@ impl PostgresStateStore {
                 exec.fetch_once(query).await
             }
         };
+        self.compare_and_put_answer(key, sent)
+    }
+
+    /// `compare_and_put` of an `expected` value stored in an envelope. Its
+    /// JSON text cannot be compared as JSONB on the server (it holds
+    /// `\u0000`, which JSONB refuses), and its text differs between writers
+    /// that order object members differently (1.5.1 built with serde_json's
+    /// `preserve_order`, say). So the row is read and compared as a value
+    /// here, and the update is conditional on the row still holding exactly
+    /// the stored value that was read: atomic against every other writer,
+    /// like the one-statement form.
+    async fn compare_enveloped_and_put(
+        &self,
+        key: &str,
+        expected: &Value,
+        text: &str,
+    ) -> Result<bool, StoreError> {
+        let Some(current) = self.get_text(key).await? else {
+            return Ok(false);
+        };
+        if codec::decode_text(key, self.table(), &current)? != *expected {
+            return Ok(false);
+        }
+        let sql = self.sql.compare_and_put(key, Some(&current), text);
+        let sent = self.exec.fetch_once(sqlx::raw_sql(&sql)).await;
+        self.compare_and_put_answer(key, sent)
+    }
+
+    fn compare_and_put_answer(
+        &self,
+        key: &str,
+        sent: Result<Vec<PgRow>, sqlx::Error>,
+    ) -> Result<bool, StoreError> {
         match sent {
             Ok(rows) => Ok(!rows.is_empty()),
             Err(e) if outcome_unknown(&e) => Err(StoreError::OutcomeUnknown {
