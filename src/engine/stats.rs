@@ -75,29 +75,36 @@ pub struct RefusedWrite {
 ///
 /// Install your recorder (for example a Prometheus exporter) before building
 /// the store: the store registers its handles once, when it is built.
+///
+/// Every name starts with `faucet_state_cache_`, so none can be mistaken for
+/// the series faucet-core's `InstrumentedStateStore` emits around any store
+/// (`faucet_state_get_total`, `faucet_state_put_total`,
+/// `faucet_state_delete_total`, `faucet_state_errors_total`,
+/// `faucet_state_*_duration_seconds`): those count calls of the `StateStore`
+/// trait, these count what the cache and its flusher do.
 pub mod metric_names {
     /// Counter: `put` calls accepted.
-    pub const PUTS: &str = "faucet_state_puts_total";
+    pub const PUTS: &str = "faucet_state_cache_puts_total";
     /// Counter: `delete` calls accepted.
-    pub const DELETES: &str = "faucet_state_deletes_total";
+    pub const DELETES: &str = "faucet_state_cache_deletes_total";
     /// Counter: writes that replaced a not-yet-persisted write of their key.
-    pub const COALESCED: &str = "faucet_state_coalesced_puts_total";
+    pub const COALESCED: &str = "faucet_state_cache_coalesced_puts_total";
     /// Counter: batches committed.
-    pub const FLUSH_BATCHES: &str = "faucet_state_flush_batches_total";
+    pub const FLUSH_BATCHES: &str = "faucet_state_cache_flush_batches_total";
     /// Counter: rows upserted or deleted by committed batches.
-    pub const ROWS_FLUSHED: &str = "faucet_state_rows_flushed_total";
+    pub const ROWS_FLUSHED: &str = "faucet_state_cache_rows_flushed_total";
     /// Counter: batches that failed (and were retried).
-    pub const FLUSH_ERRORS: &str = "faucet_state_flush_errors_total";
+    pub const FLUSH_ERRORS: &str = "faucet_state_cache_flush_errors_total";
     /// Histogram: seconds per batch write, failed ones included.
-    pub const FLUSH_SECONDS: &str = "faucet_state_flush_seconds";
+    pub const FLUSH_SECONDS: &str = "faucet_state_cache_flush_seconds";
     /// Gauge: keys whose newest write is not yet persisted.
-    pub const DIRTY_KEYS: &str = "faucet_state_dirty_keys";
+    pub const DIRTY_KEYS: &str = "faucet_state_cache_dirty_keys";
     /// Counter: `get` calls answered from the cache.
     pub const CACHE_HITS: &str = "faucet_state_cache_hits_total";
     /// Counter: `get` calls that read the backend.
     pub const CACHE_MISSES: &str = "faucet_state_cache_misses_total";
     /// Counter: writes the server refused (each retry counts again).
-    pub const REFUSALS: &str = "faucet_state_refused_writes_total";
+    pub const REFUSALS: &str = "faucet_state_cache_refused_writes_total";
 }
 
 /// The engine's counters: atomics for [`CacheStats`], and the same events
@@ -264,6 +271,44 @@ impl Counters {
             refusals: read(&self.refusals),
             refused_writes,
             listening: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_names as m;
+
+    /// Issue 22, item 5: the cache's series never share a name, or a name
+    /// that differs by a plural, with faucet-core's `InstrumentedStateStore`.
+    #[test]
+    fn metric_names_are_apart_from_faucet_cores() {
+        let ours = [
+            m::PUTS,
+            m::DELETES,
+            m::COALESCED,
+            m::FLUSH_BATCHES,
+            m::ROWS_FLUSHED,
+            m::FLUSH_ERRORS,
+            m::FLUSH_SECONDS,
+            m::DIRTY_KEYS,
+            m::CACHE_HITS,
+            m::CACHE_MISSES,
+            m::REFUSALS,
+        ];
+        let faucet_core = [
+            "faucet_state_get_total",
+            "faucet_state_put_total",
+            "faucet_state_delete_total",
+            "faucet_state_errors_total",
+            "faucet_state_get_duration_seconds",
+            "faucet_state_put_duration_seconds",
+            "faucet_state_delete_duration_seconds",
+            "faucet_state_key_migrations_total",
+        ];
+        for name in ours {
+            assert!(name.starts_with("faucet_state_cache_"), "{name}");
+            assert!(!faucet_core.contains(&name), "{name}");
         }
     }
 }
