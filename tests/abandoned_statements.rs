@@ -4,6 +4,7 @@
 //! is gone), and the cached store must never cache a read taken before it
 //! could no longer commit.
 
+mod row_locks;
 mod support;
 
 use std::sync::Arc;
@@ -11,21 +12,8 @@ use std::time::Duration;
 
 use faucet_core::state::StateStore;
 use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, PostgresStateStore};
+use row_locks::{lock_row, lock_waiters};
 use serde_json::{Value, json};
-use sqlx::Row;
-
-/// Statements on `table` that wait for a lock right now.
-async fn lock_waiters(admin: &sqlx::PgPool, table: &str) -> i64 {
-    sqlx::query(
-        "SELECT count(*) FROM pg_stat_activity \
-         WHERE wait_event_type = 'Lock' AND strpos(query, $1) > 0",
-    )
-    .bind(table)
-    .fetch_one(admin)
-    .await
-    .unwrap()
-    .get(0)
-}
 
 /// Polls `check` every 10 ms until it holds; fails naming `what` after 30 s.
 async fn within_30s<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
@@ -56,23 +44,6 @@ async fn table_value(admin: &sqlx::PgPool, table: &str, key: &str) -> Option<Val
         .fetch_optional(admin)
         .await
         .unwrap()
-}
-
-/// A session holding the row of `key` until committed.
-async fn lock_row(
-    admin: &sqlx::PgPool,
-    table: &str,
-    key: &str,
-) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut locked = admin.begin().await.unwrap();
-    sqlx::query(&format!(
-        "SELECT 1 FROM \"{table}\" WHERE key = $1 FOR UPDATE"
-    ))
-    .bind(key)
-    .execute(&mut *locked)
-    .await
-    .unwrap();
-    locked
 }
 
 /// Issue 21, item 3. A write-through `put` and a `compare_and_put` are

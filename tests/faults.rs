@@ -9,6 +9,7 @@
 //! ```
 
 mod fault_support;
+mod row_locks;
 mod support;
 
 use std::collections::HashMap;
@@ -1391,20 +1392,8 @@ async fn a_slow_guard_and_a_slow_write_end_within_one_statement_timeout() {
                 .cached(options(mode).retry_backoff_max(Duration::from_secs(60)))
                 .unwrap(),
         );
-        let mut fence_locked = admin.begin().await.unwrap();
-        sqlx::query(&format!(
-            "SELECT 1 FROM \"{table}\" WHERE key = '#fence:pipeline' FOR UPDATE"
-        ))
-        .execute(&mut *fence_locked)
-        .await
-        .unwrap();
-        let mut row_locked = admin.begin().await.unwrap();
-        sqlx::query(&format!(
-            "SELECT 1 FROM \"{table}\" WHERE key = 'k' FOR UPDATE"
-        ))
-        .execute(&mut *row_locked)
-        .await
-        .unwrap();
+        let fence_locked = row_locks::lock_row(&admin, &table, "#fence:pipeline").await;
+        let row_locked = row_locks::lock_row(&admin, &table, "k").await;
         let call = tokio::spawn({
             let store = store.clone();
             async move {

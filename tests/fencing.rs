@@ -2,6 +2,7 @@
 //! no write of an older claimant lands, whatever path it takes, and a write
 //! racing the claim lands before it or not at all.
 
+mod row_locks;
 mod support;
 
 use std::sync::Arc;
@@ -10,7 +11,6 @@ use std::time::Duration;
 use faucet_core::state::StateStore;
 use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, PostgresStateStore};
 use serde_json::json;
-use sqlx::Row;
 
 /// A store on its own pool (as a process would have), on `table`.
 async fn instance(table: &str) -> PostgresStateStore {
@@ -103,13 +103,7 @@ async fn a_write_racing_a_claim_lands_before_it_or_not_at_all() {
     let blocker = sqlx::PgPool::connect(&support::database_url())
         .await
         .unwrap();
-    let mut locked = blocker.begin().await.unwrap();
-    sqlx::query(&format!(
-        "SELECT 1 FROM \"{table}\" WHERE key = 'cursor' FOR UPDATE"
-    ))
-    .execute(&mut *locked)
-    .await
-    .unwrap();
+    let locked = row_locks::lock_row(&blocker, &table, "cursor").await;
 
     let write = tokio::spawn({
         let old = old.clone();
@@ -141,15 +135,7 @@ async fn a_write_racing_a_claim_lands_before_it_or_not_at_all() {
 async fn wait_for_lock_waiters(pool: &sqlx::PgPool, table: &str, n: i64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let row = sqlx::query(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND strpos(query, $1) > 0",
-        )
-        .bind(table)
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        if row.get::<i64, _>(0) >= n {
+        if row_locks::lock_waiters(pool, table).await >= n {
             return;
         }
         assert!(
@@ -301,20 +287,8 @@ async fn a_fenced_write_ends_within_one_statement_timeout_guard_included() {
         .unwrap();
     // One session holds the fence row for a while (the guard waits), another
     // holds the bookmark's row until the put has returned (the write waits).
-    let mut fence_locked = admin.begin().await.unwrap();
-    sqlx::query(&format!(
-        "SELECT 1 FROM \"{table}\" WHERE key = '#fence:orders' FOR UPDATE"
-    ))
-    .execute(&mut *fence_locked)
-    .await
-    .unwrap();
-    let mut row_locked = admin.begin().await.unwrap();
-    sqlx::query(&format!(
-        "SELECT 1 FROM \"{table}\" WHERE key = 'cursor' FOR UPDATE"
-    ))
-    .execute(&mut *row_locked)
-    .await
-    .unwrap();
+    let fence_locked = row_locks::lock_row(&admin, &table, "#fence:orders").await;
+    let row_locked = row_locks::lock_row(&admin, &table, "cursor").await;
 
     let put = tokio::spawn({
         let store = store.clone();

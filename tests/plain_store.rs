@@ -1,5 +1,6 @@
 //! The plain store against a real PostgreSQL (throwaway, or `DATABASE_URL`).
 
+mod row_locks;
 mod support;
 
 use std::sync::Arc;
@@ -491,14 +492,7 @@ async fn a_put_stuck_on_a_row_lock_is_cancelled_by_the_server(store: &PostgresSt
         .connect(&support::database_url())
         .await
         .unwrap();
-    let mut tx = holder.begin().await.unwrap();
-    sqlx::query(&format!(
-        "SELECT 1 FROM \"{}\" WHERE key = 'a' FOR UPDATE",
-        store.table()
-    ))
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    let tx = row_locks::lock_row(&holder, store.table(), "a").await;
     let err = store.put("a", &json!(2)).await.unwrap_err().to_string();
     assert!(err.contains("statement timeout"), "{err}");
     tx.rollback().await.unwrap();
