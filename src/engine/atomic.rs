@@ -31,7 +31,6 @@ use crate::backend::{BatchError, StateBackend};
 use crate::cache::{Cache, FillTicket, Stored, WriteStatus};
 use crate::cached::{CachedStateStore, Known};
 use crate::flusher::RoundOutcome;
-use crate::flusher::deadline_after;
 use crate::stats::Counters;
 
 impl<B: StateBackend> CachedStateStore<B> {
@@ -108,7 +107,7 @@ impl<B: StateBackend> CachedStateStore<B> {
                 }
             };
             if wrote {
-                held.committed(&[(key, stored)], &self.engine.counters);
+                held.committed([stored], &self.engine.counters);
             }
             // Not written: the table disagreed with whatever is cached, so
             // the guard drops the entry as it goes.
@@ -179,8 +178,8 @@ impl<B: StateBackend> CachedStateStore<B> {
             held.answered(answer.as_ref().err());
             match answer {
                 Ok(()) => {
-                    let written: Vec<(&str, Stored)> = latest.into_iter().collect();
-                    held.committed(&written, &self.engine.counters);
+                    // In key order, as the keys were held.
+                    held.committed(latest.into_values(), &self.engine.counters);
                     Ok(())
                 }
                 Err(BatchError::Refused(error)) => {
@@ -230,7 +229,6 @@ impl<B: StateBackend> CachedStateStore<B> {
             known: Known::NotWritten,
             settle: self.engine.backend.abandoned_writes_settle_within(),
             pending: Vec::new(),
-            trusted: false,
             _serialized: serialized,
         };
         for &key in keys {
@@ -293,21 +291,20 @@ impl<B: StateBackend> CachedStateStore<B> {
 /// Keys held by one operation (step 1), released on drop. Until
 /// [`committed`](Self::committed) is called their cached entries are not
 /// trusted, and are dropped with the hold: the table disagreed, or the
-/// outcome is unknown.
+/// outcome is unknown (then the keys stay unsettled, cache invariant 8).
 struct Held<'a> {
     cache: &'a Cache,
     keys: Vec<&'a str>,
     /// Taken just before the statement is sent, one per key (cache
     /// invariant 7: a change reported meanwhile keeps the result uncached).
-    tickets: Vec<Option<FillTicket>>,
-    /// What became of the statement: not sent yet, sent with no answer
-    /// (kept on a lost answer), answered.
+    tickets: Vec<FillTicket>,
+    /// What became of the statement: not sent or not written, sent with no
+    /// answer (kept on a lost answer), or committed.
     known: Known,
     /// How long an abandoned statement may still commit (cache invariant 8).
     settle: std::time::Duration,
     /// This store's pending write of a held key, by version (step 2).
     pending: Vec<(&'a str, u64)>,
-    trusted: bool,
     /// Released after the keys (see `holds.rs`).
     _serialized: Vec<MutexGuard<'a, ()>>,
 }
@@ -319,46 +316,32 @@ impl Held<'_> {
         self.tickets = self
             .keys
             .iter()
-            .map(|key| Some(self.cache.write_ticket(key)))
+            .map(|key| self.cache.write_ticket(key))
             .collect();
     }
 
     /// The backend answered the statement, with this error if any: unless
     /// the answer was lost, the outcome is known.
     fn answered(&mut self, error: Option<&BatchError>) {
-        if !matches!(error, Some(BatchError::Transient(_))) {
-            self.known = Known::NotWritten;
-        }
+        self.known = Known::answered(error);
     }
 
-    /// The operation committed these values of its keys (each a held key,
-    /// written by the statement sent after [`sending`](Self::sending)).
-    fn committed(&mut self, written: &[(&str, Stored)], counters: &Counters) {
-        let mut tickets = std::mem::take(&mut self.tickets);
-        for (key, stored) in written {
-            let at = self.keys.iter().position(|held| held == key);
-            let Some(ticket) = at.and_then(|at| tickets.get_mut(at)?.take()) else {
-                // Not a held key, or given twice: not cached.
-                self.cache.invalidate(key);
-                continue;
-            };
-            self.cache
-                .store_clean(key, Some(stored.clone()), ticket, counters);
+    /// The statement sent after [`sending`](Self::sending) committed
+    /// `values`, one per held key, in the order the keys were held.
+    fn committed(&mut self, values: impl IntoIterator<Item = Stored>, counters: &Counters) {
+        let tickets = std::mem::take(&mut self.tickets);
+        debug_assert_eq!(tickets.len(), self.keys.len(), "sending() came first");
+        for ((key, ticket), value) in self.keys.iter().zip(tickets).zip(values) {
+            self.cache.store_clean(key, Some(value), ticket, counters);
         }
-        self.trusted = true;
+        self.known = Known::Committed;
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         for key in &self.keys {
-            if !self.trusted {
-                if self.known == Known::No {
-                    self.cache.unsettle(key, deadline_after(self.settle));
-                } else {
-                    self.cache.invalidate(key);
-                }
-            }
+            self.known.leave(self.cache, key, self.settle);
             self.cache.release(key);
         }
     }

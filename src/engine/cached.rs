@@ -531,9 +531,7 @@ impl<B: StateBackend> CachedStateStore<B> {
             }
             Err(error) => {
                 // The guard drops the key's entry as it goes out of scope.
-                if !matches!(error, BatchError::Transient(_)) {
-                    outcome.known = Known::NotWritten;
-                }
+                outcome.known = Known::answered(Some(&error));
                 let what = if value.is_some() { "write" } else { "delete" };
                 Err(FaucetError::State(match error {
                     BatchError::Refused(error) => {
@@ -577,7 +575,7 @@ impl PostgresStateStore {
 }
 
 /// What became of a write sent outside the flusher.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub(super) enum Known {
     /// Nothing yet, or the answer was lost: it may commit, even later.
     No,
@@ -585,6 +583,30 @@ pub(super) enum Known {
     NotWritten,
     /// It committed, and the cache was told.
     Committed,
+}
+
+impl Known {
+    /// What an answer tells, given its error if any: a lost answer
+    /// ([`BatchError::Transient`]) leaves the outcome unknown; otherwise the
+    /// write was not written, unless it succeeded, which the caller records
+    /// as [`Committed`](Self::Committed) once the cache holds the value.
+    pub(super) fn answered(error: Option<&BatchError>) -> Self {
+        match error {
+            Some(BatchError::Transient(_)) => Self::No,
+            _ => Self::NotWritten,
+        }
+    }
+
+    /// Leaves `key` in the cache as this outcome allows: a committed write
+    /// is cached already; one not written drops the entry; one whose outcome
+    /// is unknown keeps the key uncached for `settle` (cache invariant 8).
+    pub(super) fn leave(self, cache: &Cache, key: &str, settle: Duration) {
+        match self {
+            Self::Committed => {}
+            Self::NotWritten => cache.invalidate(key),
+            Self::No => cache.unsettle(key, deadline_after(settle)),
+        }
+    }
 }
 
 /// Makes the cache distrust a key its write left in doubt, when dropped:
@@ -599,11 +621,7 @@ struct OutcomeGuard<'a> {
 
 impl Drop for OutcomeGuard<'_> {
     fn drop(&mut self) {
-        match self.known {
-            Known::Committed => {}
-            Known::NotWritten => self.cache.invalidate(self.key),
-            Known::No => self.cache.unsettle(self.key, deadline_after(self.settle)),
-        }
+        self.known.leave(self.cache, self.key, self.settle);
     }
 }
 
