@@ -26,7 +26,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use crate::error::{StoreError, describe_sqlx};
 use crate::session::SessionSettings;
-use crate::sql::CLIENT_CHECK_SESSION;
+use crate::sql::client_check_session_sql;
 
 /// How long a caller waits for a pool connection before giving up.
 pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,7 +82,7 @@ pub(crate) async fn connect_pool(
         .extra_float_digits(None);
     // Bounded like the pool's own connects: an address that drops packets
     // would otherwise hold the caller for the system's TCP timeout.
-    let first = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options))
+    let mut first = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options))
         .await
         .map_err(|_| StoreError::Connect {
             target: redact_url(url),
@@ -91,7 +91,6 @@ pub(crate) async fn connect_pool(
             ),
         })?
         .map_err(connect_error)?;
-    let mut first = first;
     session.set_client_check(accepts_client_check(&mut first).await);
     // The pool opens its own connections; this one has done its job. A
     // close that hangs is abandoned (the socket is dropped with it).
@@ -106,7 +105,8 @@ pub(crate) async fn connect_pool(
 /// (PostgreSQL 14 and later, on platforms that can watch a socket for a
 /// closed peer): asked once, on the first connection, by setting it there.
 async fn accepts_client_check(conn: &mut PgConnection) -> bool {
-    let set = sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(CLIENT_CHECK_SESSION));
+    let sql = client_check_session_sql();
+    let set = sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(&sql));
     matches!(tokio::time::timeout(ACQUIRE_TIMEOUT, set).await, Ok(Ok(_)))
 }
 

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::lock::lock;
-use crate::sql::{CLIENT_CHECK_SESSION, timeout_millis};
+use crate::sql::{client_check_session_sql, timeout_millis};
 
 /// What every connection of one pool should have set, and since when.
 #[derive(Debug)]
@@ -69,7 +69,7 @@ impl SessionSettings {
             );
             if self.client_check() {
                 sql.push_str("; ");
-                sql.push_str(CLIENT_CHECK_SESSION);
+                sql.push_str(&client_check_session_sql());
             }
             sql
         })

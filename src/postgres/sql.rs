@@ -129,14 +129,17 @@ fn push_array_element(sql: &mut String, text: &str) {
 /// The most PostgreSQL's `statement_timeout` holds: `INT_MAX` milliseconds.
 const MAX_TIMEOUT_MS: u128 = i32::MAX as u128;
 
-/// How often the server checks, while running a statement, that the client
-/// is still connected (see [`Statements::checking_the_client`]): every
-/// 100 ms, one `poll()` on the socket each time.
-const CLIENT_CHECK_LOCAL: &str = "SET LOCAL client_connection_check_interval = '100ms'; ";
+/// How often, in milliseconds, the server checks while running a statement
+/// that the client is still connected (see
+/// [`Statements::checking_the_client`]): one `poll()` on the socket each
+/// time.
+const CLIENT_CHECK_MS: u64 = 100;
 
-/// The session form of [`CLIENT_CHECK_LOCAL`], for prepared statements,
-/// which carry no prelude.
-pub(crate) const CLIENT_CHECK_SESSION: &str = "SET client_connection_check_interval = 100";
+/// The session form of the client check, for prepared statements, which
+/// carry no prelude, and for asking a server whether it accepts the setting.
+pub(crate) fn client_check_session_sql() -> String {
+    format!("SET client_connection_check_interval = {CLIENT_CHECK_MS}")
+}
 
 /// A statement timeout as whole milliseconds the server accepts: at least 1
 /// (0 would turn the limit off) and at most `INT_MAX`.
@@ -157,14 +160,17 @@ impl Statements {
     }
 
     /// The same statements, each message also telling the server to check
-    /// every 100 ms whether the client is still there
+    /// every [`CLIENT_CHECK_MS`] whether the client is still there
     /// (`client_connection_check_interval`, PostgreSQL 14 and later): a
     /// message whose caller gave up and closed its connection is then
     /// ended and rolled back by the server, instead of running on, waiting
     /// for a lock, and committing later. Only for servers that accept the
     /// setting (see `connect.rs`).
     pub(crate) fn checking_the_client(mut self) -> Self {
-        self.prelude.push_str(CLIENT_CHECK_LOCAL);
+        let _ = write!(
+            self.prelude,
+            "SET LOCAL client_connection_check_interval = '{CLIENT_CHECK_MS}ms'; "
+        );
         self
     }
 
