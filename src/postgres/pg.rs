@@ -488,17 +488,16 @@ impl PostgresStateStore {
     ) -> Result<bool, StoreError> {
         // Encoded as a stored value would be (the envelope included), so
         // that it compares equal to the row a put of it wrote.
-        let expected_value = expected;
-        let expected = expected
+        let expected_stored = expected
             .map(|expected| codec::encode(key, expected, usize::MAX))
             .transpose()?;
-        if let (Some(value), Some(stored)) = (expected_value, expected.as_deref())
+        if let (Some(value), Some(stored)) = (expected, expected_stored.as_deref())
             && codec::is_envelope(stored)
         {
             return self.compare_enveloped_and_put(key, value, text).await;
         }
         let exec = &self.exec;
-        let sent = match (self.prepared_writes(), expected.as_deref()) {
+        let sent = match (self.prepared_writes(), expected_stored.as_deref()) {
             (None, expected) => {
                 let sql = self.sql.compare_and_put(key, expected, text);
                 exec.fetch_once(sqlx::raw_sql(&sql)).await
