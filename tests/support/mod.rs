@@ -1,9 +1,11 @@
 //! Throwaway PostgreSQL servers for tests, examples and benches.
 //!
 //! `database_url()` returns `DATABASE_URL` when it is set. Otherwise it starts
-//! one server per process from the local binaries (found on `PATH`, then under
-//! `/usr/lib/postgresql/*/bin`), in a temp dir, listening on a free loopback
-//! port, with password authentication. A watchdog process stops the server
+//! one server per process from the local binaries (the directory named by
+//! `FAUCET_TEST_PG_BIN` when it is set, else found on `PATH`, then the newest
+//! under `/usr/lib/postgresql/*/bin`), in a temp dir, listening on a free
+//! loopback port, with password authentication. `.ci/run` points
+//! `FAUCET_TEST_PG_BIN` at other major versions to run suites against them. A watchdog process stops the server
 //! and removes its directory once this process exits, however it exits.
 //!
 //! PostgreSQL refuses to run as root; when this process is root the server
@@ -35,6 +37,11 @@ pub const SUPERUSER_PASSWORD: &str = "throwaway-superuser-pw";
 /// Set (to anything) to run the tests through PgBouncer in transaction
 /// pooling mode, in front of the throwaway server.
 pub const VIA_PGBOUNCER: &str = "FAUCET_TEST_VIA_PGBOUNCER";
+
+/// A directory holding `initdb`, `pg_ctl` and `postgres`: when set, the
+/// throwaway server is started from it (another major version, say) instead
+/// of the binaries found on `PATH` or under `/usr/lib/postgresql`.
+pub const PG_BIN: &str = "FAUCET_TEST_PG_BIN";
 
 /// Whether the tests run behind PgBouncer in transaction mode (`VIA_PGBOUNCER`).
 pub fn via_pgbouncer() -> bool {
@@ -193,6 +200,15 @@ impl PgServer {
     /// Creates a cluster and starts it. Panics with instructions when no
     /// PostgreSQL binaries can be found.
     pub fn start() -> PgServer {
+        if let Some(dir) = std::env::var_os(PG_BIN).filter(|d| !d.is_empty()) {
+            let dir = PathBuf::from(dir);
+            assert!(
+                has_server_tools(&dir),
+                "{PG_BIN}={} holds no initdb and pg_ctl: point it at the bin directory \
+                 of a PostgreSQL installation, or unset it",
+                dir.display()
+            );
+        }
         let bin = find_bin_dir().unwrap_or_else(|| {
             panic!(
                 "no PostgreSQL server binaries (initdb, pg_ctl) on PATH or under \
@@ -379,11 +395,18 @@ pub fn pgbench() -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
+fn has_server_tools(dir: &Path) -> bool {
+    dir.join("initdb").is_file() && dir.join("pg_ctl").is_file()
+}
+
 fn find_bin_dir() -> Option<PathBuf> {
-    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Some(dir) = std::env::var_os(PG_BIN).filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        return has_server_tools(&dir).then_some(dir);
+    }
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
-            if has_tools(&dir) {
+            if has_server_tools(&dir) {
                 // Debian links initdb into PATH; resolve to the real bin dir so
                 // pg_ctl finds the matching `postgres` next to it.
                 let real = std::fs::canonicalize(dir.join("initdb")).ok()?;
@@ -394,7 +417,7 @@ fn find_bin_dir() -> Option<PathBuf> {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|dir| has_tools(dir))
+        .filter(|dir| has_server_tools(dir))
         .collect();
     versions.sort_by_key(|dir| {
         dir.parent()
