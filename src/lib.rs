@@ -355,7 +355,9 @@ mod test_hooks;
 // The modules by their short names, so that every file refers to a sibling
 // the same way whichever folder it lives in.
 use engine::{backend, cache, cached, changes, flusher, holds, memory, report, stats};
-use postgres::{codec, connect, exec, fence, notify, pg, probe, reserve, schema, session, sql};
+use postgres::{
+    codec, connect, environment, exec, fence, notify, pg, probe, reserve, schema, session, sql,
+};
 
 pub use backend::{BatchError, StateBackend};
 pub use cached::CachedStateStore;

@@ -17,12 +17,11 @@
 //!   once. Every statement it sends is idempotent, so a retry cannot change
 //!   the outcome.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 
 use crate::error::{StoreError, describe_sqlx};
 use crate::session::SessionSettings;
@@ -77,8 +76,11 @@ pub(crate) async fn connect_pool(
     };
     // PgBouncer refuses startup parameters it does not track, and sqlx sends
     // extra_float_digits by default; the stores never read a float column.
-    let options = PgConnectOptions::from_str(url)
-        .map_err(connect_error)?
+    let options = crate::environment::connect_options(url)
+        .map_err(|reason| StoreError::Connect {
+            target: redact_url(url),
+            reason: scrub_password(reason, url),
+        })?
         .extra_float_digits(None);
     // Bounded like the pool's own connects: an address that drops packets
     // would otherwise hold the caller for the system's TCP timeout.

@@ -3,6 +3,7 @@
 
 pub(crate) mod codec;
 pub(crate) mod connect;
+pub(crate) mod environment;
 pub(crate) mod exec;
 pub(crate) mod fence;
 pub(crate) mod notify;

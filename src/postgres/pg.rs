@@ -96,6 +96,13 @@ impl PostgresStateStore {
     /// table name is 1 to 63 ASCII letters, digits or `_`, and the pool needs
     /// at least one connection.
     ///
+    /// What the URL leaves out comes from the `PG*` environment variables and
+    /// the password file, as with libpq, unless faucet's config-only switch
+    /// is on (`faucet_core::libpq::set_config_only`, with the
+    /// `faucet-core-1-16` feature): then nothing does, and a URL leaving out
+    /// what cannot be pinned (the user while `PGUSER` is set, say) is refused
+    /// naming the variable.
+    ///
     /// ```no_run
     /// # async fn run() -> Result<(), faucet_core::FaucetError> {
     /// let store = faucet_state_postgres::PostgresStateStore::connect_with(
