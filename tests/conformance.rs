@@ -504,6 +504,105 @@ conformance!(
     direct_connections_only
 );
 
+/// faucet-core 1.16's wrappers over the cached store, as faucet layers them:
+/// `InstrumentedStateStore` (spans and `faucet_state_*` metrics around every
+/// call) and `VersionedStateStore` (the pipeline's bookmark key written in the
+/// versioned envelope; every other key, which is all the suite uses, passes
+/// through). Both forward every operation, atomic ones included, so the
+/// suite holds through them unchanged.
+#[cfg(feature = "faucet-core-1-16")]
+mod wrapped {
+    use super::*;
+    use faucet_core::state_version::{StateCodec, VersionedStateStore};
+    use faucet_core::{InstrumentedStateStore, Labels};
+
+    /// The one key the versioned wrapper envelopes; no check of the suite
+    /// writes it.
+    pub(super) const BOOKMARK_KEY: &str = "orders::row-0";
+
+    pub(super) fn codec() -> StateCodec {
+        StateCodec {
+            owner: "postgres".to_owned(),
+            schema: 0,
+            legacy: false,
+        }
+    }
+
+    pub(super) fn instrumented(inner: Store) -> Store {
+        Arc::new(InstrumentedStateStore::new(
+            inner,
+            Labels::new("orders", "row-0", "run-1"),
+        ))
+    }
+
+    pub(super) fn versioned(inner: Store) -> Store {
+        Arc::new(VersionedStateStore::new(inner, BOOKMARK_KEY, codec()))
+    }
+
+    pub(super) async fn cached_under(durability: Durability, wrap: fn(Store) -> Store) -> Subject {
+        let cached = cached(durability, false).await;
+        let store = wrap(cached.store.clone());
+        Subject {
+            newer: Some(Arc::new(ViaTrait(store.clone()))),
+            store,
+            ..cached
+        }
+    }
+
+    /// What the versioned wrapper writes for the bookmark is what the table
+    /// holds and what the cached store serves.
+    async fn the_bookmark_is_stored_in_the_versioned_envelope(durability: Durability) {
+        let store = cached_under(durability, versioned).await;
+        let bookmark = json!({"value": "2026-01-01T00:25:00+00:00", "boundary": ["a1"]});
+        store.put(BOOKMARK_KEY, &bookmark).await.unwrap();
+        (store.flush)().await.unwrap();
+        let envelope = faucet_core::wrap_versioned("postgres", 0, &bookmark);
+        assert_eq!(
+            store.persisted.get(BOOKMARK_KEY).await.unwrap(),
+            Some(envelope.clone())
+        );
+        let served = store.get(BOOKMARK_KEY).await.unwrap().unwrap();
+        assert_eq!(served, envelope);
+        assert_eq!(faucet_core::peel_versioned(&served), bookmark);
+    }
+
+    #[tokio::test]
+    async fn versioned_bookmark_write_through() {
+        the_bookmark_is_stored_in_the_versioned_envelope(Durability::WriteThrough).await;
+    }
+
+    #[tokio::test]
+    async fn versioned_bookmark_group_commit() {
+        the_bookmark_is_stored_in_the_versioned_envelope(Durability::GroupCommit).await;
+    }
+
+    #[tokio::test]
+    async fn versioned_bookmark_write_behind() {
+        the_bookmark_is_stored_in_the_versioned_envelope(Durability::WriteBehind).await;
+    }
+}
+
+#[cfg(feature = "faucet-core-1-16")]
+conformance!(
+    instrumented_cached_group_commit,
+    wrapped::cached_under(Durability::GroupCommit, wrapped::instrumented).await
+);
+#[cfg(feature = "faucet-core-1-16")]
+conformance!(
+    instrumented_cached_write_behind,
+    wrapped::cached_under(Durability::WriteBehind, wrapped::instrumented).await
+);
+#[cfg(feature = "faucet-core-1-16")]
+conformance!(
+    versioned_cached_group_commit,
+    wrapped::cached_under(Durability::GroupCommit, wrapped::versioned).await
+);
+#[cfg(feature = "faucet-core-1-16")]
+conformance!(
+    versioned_cached_write_behind,
+    wrapped::cached_under(Durability::WriteBehind, wrapped::versioned).await
+);
+
 /// Two stores on one table (two pools, as two processes would have), 32
 /// tasks between them racing to claim one absent key: exactly one wins,
 /// every time.
