@@ -356,7 +356,8 @@ mod test_hooks;
 // the same way whichever folder it lives in.
 use engine::{backend, cache, cached, changes, flusher, holds, memory, report, stats};
 use postgres::{
-    codec, connect, environment, exec, fence, notify, pg, probe, reserve, schema, session, sql,
+    codec, connect, environment, exec, fence, host_choice, hosts, notify, pg, probe, reserve,
+    schema, session, sql,
 };
 
 pub use backend::{BatchError, StateBackend};

@@ -24,6 +24,8 @@ use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 
 use crate::error::{StoreError, describe_sqlx};
+use crate::host_choice::HostChoice;
+use crate::hosts::{HostList, SessionAttrs};
 use crate::session::SessionSettings;
 use crate::sql::client_check_session_sql;
 
@@ -40,16 +42,27 @@ pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEPALIVE_SQL: &str =
     "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3";
 
-/// Pool settings shared by every constructor that opens its own pool.
-pub(crate) fn pool_options(max_connections: u32, session: Arc<SessionSettings>) -> PgPoolOptions {
+/// Pool settings shared by every constructor that opens its own pool. With a
+/// `choice` whose URL asks for a kind of session, each new connection is
+/// checked to be one (see `host_choice.rs`).
+pub(crate) fn pool_options(
+    max_connections: u32,
+    session: Arc<SessionSettings>,
+    choice: Option<Arc<HostChoice>>,
+) -> PgPoolOptions {
     let on_acquire = session.clone();
+    let verify = choice.filter(|choice| choice.attrs() != SessionAttrs::Any);
     PgPoolOptions::new()
         .max_connections(max_connections)
         .test_before_acquire(false)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .after_connect(move |conn, _meta| {
             let session = session.clone();
+            let verify = verify.clone();
             Box::pin(async move {
+                if let Some(choice) = verify {
+                    choice.verify(conn).await?;
+                }
                 sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(KEEPALIVE_SQL)).await?;
                 if let Some(sql) = session.on_connect_sql() {
                     sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(&sql)).await?;
@@ -65,18 +78,28 @@ pub(crate) fn pool_options(max_connections: u32, session: Arc<SessionSettings>) 
         })
 }
 
+/// Opens the store's pool for `url`, and for a URL that lists several hosts
+/// or asks for a kind of session, the [`HostChoice`] that keeps it pointed
+/// at the right host.
 pub(crate) async fn connect_pool(
     url: &str,
     max_connections: u32,
     session: Arc<SessionSettings>,
-) -> Result<PgPool, StoreError> {
+) -> Result<(PgPool, Option<Arc<HostChoice>>), StoreError> {
     let connect_error = |e: sqlx::Error| StoreError::Connect {
         target: redact_url(url),
         reason: scrub_password(describe_sqlx(&e), url),
     };
+    let list = HostList::parse(url).map_err(|reason| StoreError::Connect {
+        target: redact_url(url),
+        reason: scrub_password(reason, url),
+    })?;
+    if list.needs_choosing() {
+        return connect_choosing(url, list, max_connections, session).await;
+    }
     // PgBouncer refuses startup parameters it does not track, and sqlx sends
     // extra_float_digits by default; the stores never read a float column.
-    let options = crate::environment::connect_options(url)
+    let options = crate::environment::connect_options(&list.url_for(0))
         .map_err(|reason| StoreError::Connect {
             target: redact_url(url),
             reason: scrub_password(reason, url),
@@ -97,10 +120,41 @@ pub(crate) async fn connect_pool(
     // The pool opens its own connections; this one has done its job. A
     // close that hangs is abandoned (the socket is dropped with it).
     let _ = tokio::time::timeout(ACQUIRE_TIMEOUT, first.close()).await;
-    pool_options(max_connections, session)
+    let pool = pool_options(max_connections, session, None)
         .connect_with(options)
         .await
-        .map_err(connect_error)
+        .map_err(connect_error)?;
+    Ok((pool, None))
+}
+
+/// `connect_pool` for a URL whose host must be chosen: the first host that
+/// fits takes the first connection, and the pool connects there.
+async fn connect_choosing(
+    url: &str,
+    list: HostList,
+    max_connections: u32,
+    session: Arc<SessionSettings>,
+) -> Result<(PgPool, Option<Arc<HostChoice>>), StoreError> {
+    let failed = |reason: String| StoreError::Connect {
+        target: list.redacted(),
+        reason: scrub_password(reason, url),
+    };
+    let options = (0..list.hosts.len())
+        .map(|index| {
+            let options = crate::environment::connect_options(&list.url_for(index))?;
+            Ok(options.extra_float_digits(None))
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(failed)?;
+    let choice = Arc::new(HostChoice::new(list.clone(), options));
+    let (_, mut first) = choice.search().await.map_err(failed)?;
+    session.set_client_check(accepts_client_check(&mut first).await);
+    let _ = tokio::time::timeout(ACQUIRE_TIMEOUT, first.close()).await;
+    let pool = pool_options(max_connections, session, Some(choice.clone()))
+        .connect_with(choice.current_options())
+        .await
+        .map_err(|e| failed(describe_sqlx(&e)))?;
+    Ok((pool, Some(choice)))
 }
 
 /// Whether the server accepts `client_connection_check_interval`
@@ -117,6 +171,11 @@ async fn accepts_client_check(conn: &mut PgConnection) -> bool {
 /// parse is not echoed at all, since it may hold a password in a form the
 /// parser did not recognise.
 pub fn redact_url(url: &str) -> String {
+    if let Ok(list) = HostList::parse(url)
+        && list.hosts.len() > 1
+    {
+        return list.redacted();
+    }
     let Ok(mut parsed) = url::Url::parse(url) else {
         return "<unparseable connection URL>".to_owned();
     };
@@ -147,6 +206,14 @@ pub fn redact_url(url: &str) -> String {
 /// Removes any password found in `url` from `message`: a last line of defence
 /// for driver messages that might quote connection options.
 fn scrub_password(message: String, url: &str) -> String {
+    if let Ok(list) = HostList::parse(url)
+        && list.hosts.len() > 1
+    {
+        return list
+            .passwords()
+            .into_iter()
+            .fold(message, |m, secret| m.replace(&secret, "***"));
+    }
     let Ok(parsed) = url::Url::parse(url) else {
         return message;
     };
@@ -187,11 +254,18 @@ mod tests {
             redact_url("not a url s3cret"),
             "<unparseable connection URL>"
         );
+        assert_eq!(
+            redact_url("postgres://bob:s3cret@h1:1,h2:2/app?target_session_attrs=read-write"),
+            "postgres://bob:***@h1:1,h2:2/app?target_session_attrs=read-write"
+        );
     }
 
     #[test]
     fn scrubbing_removes_raw_and_percent_encoded_passwords() {
         let url = "postgres://bob:p%40ss@db/app?password=other";
+        let m = scrub_password("x p%40ss y p@ss z other".to_owned(), url);
+        assert_eq!(m, "x *** y *** z ***");
+        let url = "postgres://bob:p%40ss@h1,h2/app?password=other";
         let m = scrub_password("x p%40ss y p@ss z other".to_owned(), url);
         assert_eq!(m, "x *** y *** z ***");
     }

@@ -17,16 +17,25 @@
 //!   stores send is idempotent (an upsert of given values, a delete, a read),
 //!   so sending it again cannot change the outcome. A deadline that passed is
 //!   not retried: the caller decides.
+//! - **Another host.** With a URL whose host is chosen (`host_choice.rs`), a
+//!   message that meets a lost connection, a read-only session (25006), a
+//!   server shutting down or not yet accepting connections (57P01, 57P02,
+//!   57P03), or a new connection whose host changed role, first has the
+//!   host chosen again (paced), then is sent again, within the same number
+//!   of attempts. The connection that answered read-only is closed, not
+//!   returned to the pool.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgRow, Postgres};
 use sqlx::{Execute, PgPool};
 
-use crate::error::is_connection_lost;
+use crate::error::{is_connection_lost, sqlstate};
+use crate::host_choice::{HostChoice, is_wrong_session};
 use crate::reserve::Reserve;
 
 /// How much longer than `statement_timeout` the client waits for an answer
@@ -43,6 +52,9 @@ pub(crate) struct Executor {
     pool: PgPool,
     statement_timeout: Duration,
     reserve: Reserve,
+    /// For a URL whose host is chosen: where connections go, and how to
+    /// choose again.
+    choice: Option<Arc<HostChoice>>,
 }
 
 impl Executor {
@@ -51,7 +63,18 @@ impl Executor {
             reserve: Reserve::new(pool.options().get_max_connections()),
             pool,
             statement_timeout,
+            choice: None,
         }
+    }
+
+    /// Chooses the host again when a message meets the wrong one.
+    pub(crate) fn with_host_choice(mut self, choice: Option<Arc<HostChoice>>) -> Self {
+        self.choice = choice;
+        self
+    }
+
+    pub(crate) fn host_choice(&self) -> Option<&Arc<HostChoice>> {
+        self.choice.as_ref()
     }
 
     pub(crate) fn pool(&self) -> &PgPool {
@@ -86,8 +109,13 @@ impl Executor {
         let attempts = self.pool.options().get_max_connections() + 1;
         let mut result = self.attempt(build()).await;
         for retry in 1..attempts {
-            match &result {
-                Err(e) if is_connection_lost(e) && !is_deadline(e) => {
+            match (&result, &self.choice) {
+                (Err(e), Some(choice)) if meets_the_wrong_host(e) => {
+                    tracing::debug!(retry, error = %e, "choosing the host again, then sending again");
+                    choice.look_again(&self.pool).await;
+                    result = self.attempt(build()).await;
+                }
+                (Err(e), _) if is_connection_lost(e) && !is_deadline(e) => {
                     tracing::debug!(retry, error = %e, "connection lost; sending again on another");
                     result = self.attempt(build()).await;
                 }
@@ -138,6 +166,14 @@ impl Executor {
         // broken one fails sqlx's ping on release and is dropped). Only one
         // that answered without error is kept for the next operation.
         conn.answered = true;
+        if let Err(e) = &answer
+            && is_read_only(e)
+            && let Some(conn) = conn.conn.as_mut()
+        {
+            // The server was demoted (or is a standby): the session will
+            // not change, so it must not serve the next statement.
+            conn.close_on_drop();
+        }
         if answer.is_ok()
             && let Some(conn) = conn.conn.take()
         {
@@ -179,6 +215,22 @@ where
 /// connection was lost, or the client-side deadline passed.
 pub(crate) fn outcome_unknown(err: &sqlx::Error) -> bool {
     is_connection_lost(err) || is_deadline(err)
+}
+
+/// An error that says this host does not take the store's writes now, which
+/// another host of a chosen URL may: a lost connection (not a deadline), a
+/// read-only session, a server shutting down, crashing or still starting,
+/// or a new connection whose host changed role.
+fn meets_the_wrong_host(err: &sqlx::Error) -> bool {
+    (is_connection_lost(err) && !is_deadline(err))
+        || is_read_only(err)
+        || sqlstate(err).is_some_and(|code| matches!(code.as_str(), "57P01" | "57P02" | "57P03"))
+        || is_wrong_session(err)
+}
+
+/// 25006: read-only SQL transaction (a standby, or a demoted primary).
+fn is_read_only(err: &sqlx::Error) -> bool {
+    sqlstate(err).as_deref() == Some("25006")
 }
 
 /// The client-side deadline passed: not a lost connection to retry at once.

@@ -6,6 +6,8 @@ pub(crate) mod connect;
 pub(crate) mod environment;
 pub(crate) mod exec;
 pub(crate) mod fence;
+pub(crate) mod host_choice;
+pub(crate) mod hosts;
 pub(crate) mod notify;
 pub(crate) mod pg;
 pub(crate) mod probe;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPoolOptions};
 
 use crate::changes::{Change, ChangeFeed};
 use crate::config::TableName;
@@ -115,7 +115,10 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 ///   ends the subscription, and the liveness check compares the session's
 ///   backend pid with the one that subscribed: a new session is a loss.
 pub(crate) struct PgChangeFeed {
-    options: PgConnectOptions,
+    /// The store's pool, whose connect options name the server to listen
+    /// on: read at each subscription, so after a failover (the store's host
+    /// chosen again) the feed follows.
+    store_pool: PgPool,
     table: String,
     listener: Option<Subscription>,
     /// Whether `Listening` was reported since the last `Lost`.
@@ -133,7 +136,7 @@ impl PgChangeFeed {
     /// A feed on its own connection to the server `store_pool` connects to.
     pub(crate) fn new(store_pool: &PgPool, table: &str) -> Self {
         Self {
-            options: (*store_pool.connect_options()).clone(),
+            store_pool: store_pool.clone(),
             table: table.to_owned(),
             listener: None,
             listening: false,
@@ -149,7 +152,7 @@ impl PgChangeFeed {
             .test_before_acquire(false)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_lazy_with(self.options.clone());
+            .connect_lazy_with((*self.store_pool.connect_options()).clone());
         let subscribed = tokio::time::timeout(DEADLINE, async {
             let mut listener = PgListener::connect_with(&pool).await?;
             listener.eager_reconnect(false);

@@ -119,8 +119,9 @@ impl PostgresStateStore {
         let table = TableName::parse(table)?;
         let max_connections = validate_max_connections(max_connections)?;
         let session = Arc::new(SessionSettings::new(DEFAULT_STATEMENT_TIMEOUT));
-        let pool = connect_pool(url, max_connections, session.clone()).await?;
+        let (pool, choice) = connect_pool(url, max_connections, session.clone()).await?;
         let mut store = Self::with_table(pool, table);
+        store.exec = store.exec.with_host_choice(choice);
         store.client_check = session.client_check();
         store.session = Some(session);
         store.sql = store.statements(DEFAULT_STATEMENT_TIMEOUT);
@@ -289,7 +290,8 @@ impl PostgresStateStore {
     /// ```
     pub fn with_statement_timeout(mut self, timeout: Duration) -> Self {
         let timeout = Duration::from_millis(timeout_millis(timeout));
-        self.exec = Executor::new(self.exec.pool().clone(), timeout);
+        self.exec = Executor::new(self.exec.pool().clone(), timeout)
+            .with_host_choice(self.exec.host_choice().cloned());
         self.sql = self.statements(timeout);
         self.configure_sessions();
         self

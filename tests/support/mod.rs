@@ -217,31 +217,12 @@ impl PgServer {
                  or set DATABASE_URL to a server you run"
             )
         });
-        let run_as = if running_as_root() {
-            Some(account_ids("postgres").unwrap_or_else(|| {
-                panic!("running as root, but there is no `postgres` account to run the server as")
-            }))
-        } else {
-            None
-        };
-        let root = fresh_dir();
-        std::fs::create_dir_all(&root).expect("create temp dir for PostgreSQL");
-        if let Some((uid, gid)) = run_as {
-            chown(&root, Some(uid), Some(gid)).expect("chown temp dir to postgres");
-        }
-        let pwfile = root.join("pwfile");
+        let server = PgServer::prepare(bin);
+        let pwfile = server.root.join("pwfile");
         std::fs::write(&pwfile, SUPERUSER_PASSWORD).expect("write pwfile");
-        if let Some((uid, gid)) = run_as {
+        if let Some((uid, gid)) = server.run_as {
             chown(&pwfile, Some(uid), Some(gid)).expect("chown pwfile");
         }
-        let mut server = PgServer {
-            data: root.join("data"),
-            root,
-            bin,
-            port: 0,
-            run_as,
-            watchdog: None,
-        };
         server.run_checked(
             "initdb",
             &[
@@ -256,12 +237,85 @@ impl PgServer {
                 "--no-sync",
             ],
         );
-        server.watchdog = Some(server.spawn_watchdog());
+        server.launch()
+    }
+
+    /// A streaming standby of `primary` (`pg_basebackup -R`, the way a
+    /// replica is made), started on a port of its own. Read-only until
+    /// [`PgServer::promote`].
+    pub fn start_standby_of(primary: &PgServer) -> PgServer {
+        let server = PgServer::prepare(primary.bin.clone());
+        let out = server
+            .command("pg_basebackup")
+            .args([
+                "-D",
+                path_str(&server.data),
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .env("PGPASSWORD", SUPERUSER_PASSWORD)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        server.launch()
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote`, waiting until it
+    /// accepts writes).
+    pub fn promote(&self) {
+        self.run_checked(
+            "pg_ctl",
+            &["promote", "-D", path_str(&self.data), "-w", "-t", "60"],
+        );
+    }
+
+    /// A server directory of its own, nothing in it yet.
+    fn prepare(bin: PathBuf) -> PgServer {
+        let run_as = if running_as_root() {
+            Some(account_ids("postgres").unwrap_or_else(|| {
+                panic!("running as root, but there is no `postgres` account to run the server as")
+            }))
+        } else {
+            None
+        };
+        let root = fresh_dir();
+        std::fs::create_dir_all(&root).expect("create temp dir for PostgreSQL");
+        if let Some((uid, gid)) = run_as {
+            chown(&root, Some(uid), Some(gid)).expect("chown temp dir to postgres");
+        }
+        PgServer {
+            data: root.join("data"),
+            root,
+            bin,
+            port: 0,
+            run_as,
+            watchdog: None,
+        }
+    }
+
+    /// Starts the server in `self.data` on a free port, guarded by a watchdog.
+    fn launch(mut self) -> PgServer {
+        self.watchdog = Some(self.spawn_watchdog());
         let mut last_error = String::new();
         for _ in 0..5 {
-            server.port = free_port();
-            match server.pg_ctl_start() {
-                Ok(()) => return server,
+            self.port = free_port();
+            match self.pg_ctl_start() {
+                Ok(()) => return self,
                 Err(e) => last_error = e,
             }
         }

@@ -1,0 +1,223 @@
+//! Multi-host URLs against real servers (issue 23): a dead host listed first
+//! is skipped, `target_session_attrs=read-write` goes past a standby, a
+//! server that turns read-only is left for the next host, and after the
+//! primary is killed and its synchronous standby promoted, every
+//! acknowledged write is on the new primary and writes resume by
+//! themselves, in every durability mode.
+//!
+//! The standby is a real one: `pg_basebackup -R` of the primary, streaming,
+//! promoted with `pg_ctl promote`. Each test starts its own servers (it
+//! stops or promotes them), so `DATABASE_URL` is not used.
+
+mod support;
+
+use std::net::TcpListener;
+
+use faucet_core::state::StateStore;
+use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, PostgresStateStore};
+use serde_json::json;
+use sqlx::Connection;
+use support::{PgServer, SUPERUSER_PASSWORD};
+
+const MODES: [Durability; 3] = [
+    Durability::WriteThrough,
+    Durability::GroupCommit,
+    Durability::WriteBehind,
+];
+
+/// `postgres://…@127.0.0.1:p1,127.0.0.1:p2/postgres` plus `query`.
+fn url_of(ports: &[u16], query: &str) -> String {
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    format!(
+        "postgres://postgres:{SUPERUSER_PASSWORD}@{}/postgres{query}",
+        hosts.join(",")
+    )
+}
+
+/// A loopback port nothing listens on.
+fn dead_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `setting`, then reloads the configuration.
+async fn alter_system(server: &PgServer, setting: &str) {
+    let mut conn = sqlx::PgConnection::connect(&server.url()).await.unwrap();
+    for statement in [
+        &format!("ALTER SYSTEM SET {setting}"),
+        "SELECT pg_reload_conf()",
+    ] {
+        sqlx::raw_sql(statement).execute(&mut conn).await.unwrap();
+    }
+}
+
+/// The value `key` holds in `table` on `server` (read directly, as text).
+async fn stored(server: &PgServer, table: &str, key: &str) -> Option<String> {
+    let mut conn = sqlx::PgConnection::connect(&server.url()).await.unwrap();
+    sqlx::query_scalar(&format!("SELECT value::text FROM {table} WHERE key = $1"))
+        .bind(key)
+        .fetch_optional(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// A primary and a standby replicating from it synchronously: a commit is
+/// acknowledged only once the standby has flushed it.
+async fn primary_and_sync_standby() -> (PgServer, PgServer) {
+    let primary = PgServer::start();
+    let standby = PgServer::start_standby_of(&primary);
+    alter_system(&primary, "synchronous_standby_names = '*'").await;
+    let mut conn = sqlx::PgConnection::connect(&primary.url()).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let sync: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if sync == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standby never became synchronous"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    (primary, standby)
+}
+
+async fn cached(url: &str, table: &str, mode: Durability) -> CachedStateStore {
+    let plain = PostgresStateStore::connect_with(url, 2, table)
+        .await
+        .unwrap();
+    plain.ensure_table().await.unwrap();
+    plain.cached(CacheOptions::new().durability(mode)).unwrap()
+}
+
+#[tokio::test]
+async fn a_dead_host_listed_first_is_skipped() {
+    let server = PgServer::start();
+    let table = support::unique_table("dead_first");
+    let url = url_of(&[dead_port(), server.port()], "");
+    let store = PostgresStateStore::connect_with(&url, 2, &table)
+        .await
+        .unwrap();
+    store.ensure_table().await.unwrap();
+    store.put("k", &json!("v")).await.unwrap();
+    assert_eq!(store.get("k").await.unwrap(), Some(json!("v")));
+    assert_eq!(stored(&server, &table, "k").await.as_deref(), Some("\"v\""));
+}
+
+#[tokio::test]
+async fn no_listed_host_answering_is_an_error_naming_each_host() {
+    let (first, second) = (dead_port(), dead_port());
+    let url = url_of(&[first, second], "?password=x");
+    let error = PostgresStateStore::connect_with(&url, 1, "t")
+        .await
+        .expect_err("nothing listens")
+        .to_string();
+    for port in [first, second] {
+        assert!(error.contains(&format!("127.0.0.1:{port}:")), "{error}");
+    }
+    assert!(!error.contains(SUPERUSER_PASSWORD), "{error}");
+    assert!(!error.contains("password=x"), "{error}");
+}
+
+#[tokio::test]
+async fn read_write_goes_past_a_standby_listed_first() {
+    let (primary, standby) = primary_and_sync_standby().await;
+    let url = url_of(
+        &[standby.port(), primary.port()],
+        "?target_session_attrs=read-write",
+    );
+    for mode in MODES {
+        let table = support::unique_table("standby_first");
+        let store = cached(&url, &table, mode).await;
+        store
+            .put("k", &json!({"mode": format!("{mode:?}")}))
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        assert!(stored(&primary, &table, "k").await.is_some(), "{mode:?}");
+        store.shutdown().await.unwrap();
+    }
+    // `standby` asks for the other one, and gets it: reads work, writes are
+    // refused by the server.
+    let url = url_of(
+        &[primary.port(), standby.port()],
+        "?target_session_attrs=standby",
+    );
+    let store = PostgresStateStore::connect_with(&url, 1, "never_created")
+        .await
+        .unwrap();
+    let refused = store
+        .ensure_table()
+        .await
+        .expect_err("a standby is read-only");
+    assert!(refused.to_string().contains("read-only"), "{refused}");
+}
+
+#[tokio::test]
+async fn a_server_turned_read_only_is_left_for_the_next_host() {
+    let (first, second) = (PgServer::start(), PgServer::start());
+    let table = support::unique_table("turned_read_only");
+    let url = url_of(
+        &[first.port(), second.port()],
+        "?target_session_attrs=read-write",
+    );
+    for server in [&first, &second] {
+        let store = PostgresStateStore::connect_with(&server.url(), 1, &table)
+            .await
+            .unwrap();
+        store.ensure_table().await.unwrap();
+    }
+    let store = PostgresStateStore::connect_with(&url, 2, &table)
+        .await
+        .unwrap();
+    store.put("k", &json!(1)).await.unwrap();
+    assert_eq!(stored(&first, &table, "k").await.as_deref(), Some("1"));
+    alter_system(&first, "default_transaction_read_only = on").await;
+    // The pooled connection to `first` now answers 25006; the put goes to
+    // `second` instead of failing.
+    store.put("k", &json!(2)).await.unwrap();
+    assert_eq!(stored(&second, &table, "k").await.as_deref(), Some("2"));
+    assert_eq!(stored(&first, &table, "k").await.as_deref(), Some("1"));
+}
+
+#[tokio::test]
+async fn after_a_failover_every_acknowledged_write_is_on_the_new_primary() {
+    for mode in MODES {
+        let (primary, standby) = primary_and_sync_standby().await;
+        let table = support::unique_table("failover");
+        let url = url_of(
+            &[primary.port(), standby.port()],
+            "?target_session_attrs=read-write",
+        );
+        let store = cached(&url, &table, mode).await;
+        for i in 0..50 {
+            store.put(&format!("k{i}"), &json!(i)).await.unwrap();
+        }
+        // What write-behind acknowledges: a completed flush.
+        store.flush().await.unwrap();
+        primary.stop_immediate();
+        standby.promote();
+        // Writes resume by themselves on the promoted standby.
+        for i in 50..60 {
+            store.put(&format!("k{i}"), &json!(i)).await.unwrap();
+        }
+        store.flush().await.unwrap();
+        for i in 0..60 {
+            assert_eq!(
+                stored(&standby, &table, &format!("k{i}")).await,
+                Some(i.to_string()),
+                "{mode:?}: k{i} is not on the new primary"
+            );
+        }
+        store.shutdown().await.unwrap();
+    }
+}
