@@ -13,6 +13,7 @@ mod support;
 
 use std::net::TcpListener;
 
+use faucet_core::check::{CheckContext, ProbeStatus};
 use faucet_core::state::StateStore;
 use faucet_state_postgres::{CacheOptions, CachedStateStore, Durability, PostgresStateStore};
 use serde_json::json;
@@ -220,4 +221,41 @@ async fn after_a_failover_every_acknowledged_write_is_on_the_new_primary() {
         }
         store.shutdown().await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn check_names_the_host_it_uses_and_why_each_host_fails() {
+    let (first, second) = (PgServer::start(), PgServer::start());
+    let table = support::unique_table("check_hosts");
+    let url = url_of(
+        &[first.port(), second.port()],
+        "?target_session_attrs=read-write",
+    );
+    let store = PostgresStateStore::connect_with(&url, 1, &table)
+        .await
+        .unwrap();
+    store.ensure_table().await.unwrap();
+    let report = store.check(&CheckContext::default()).await.unwrap();
+    let connect = &report.probes[0];
+    assert!(matches!(connect.status, ProbeStatus::Pass), "{report:?}");
+    let hint = connect.hint.as_deref().unwrap_or_default();
+    assert!(
+        hint.contains(&format!("127.0.0.1:{}", first.port())),
+        "{hint}"
+    );
+
+    first.stop_immediate();
+    second.stop_immediate();
+    let report = store.check(&CheckContext::default()).await.unwrap();
+    let ProbeStatus::Fail { reason } = &report.probes[0].status else {
+        panic!("no host is up, yet: {report:?}");
+    };
+    for port in [first.port(), second.port()] {
+        assert!(reason.contains(&format!("127.0.0.1:{port}:")), "{reason}");
+    }
+    assert!(
+        reason.contains("target_session_attrs=read-write"),
+        "{reason}"
+    );
+    assert!(!reason.contains(SUPERUSER_PASSWORD), "{reason}");
 }

@@ -147,7 +147,8 @@ async fn connect_choosing(
         .collect::<Result<Vec<_>, String>>()
         .map_err(failed)?;
     let choice = Arc::new(HostChoice::new(list.clone(), options));
-    let (_, mut first) = choice.search().await.map_err(failed)?;
+    let (index, mut first) = choice.search().await.map_err(failed)?;
+    choice.settle_on(index, None);
     session.set_client_check(accepts_client_check(&mut first).await);
     let _ = tokio::time::timeout(ACQUIRE_TIMEOUT, first.close()).await;
     let pool = pool_options(max_connections, session, Some(choice.clone()))

@@ -144,6 +144,15 @@ impl HostChoice {
         self.options[self.chosen.load(Ordering::Acquire)].clone()
     }
 
+    /// Makes host `index` the one connections go to: the pool's options
+    /// (when there is a pool yet) and what messages name.
+    pub(crate) fn settle_on(&self, index: usize, pool: Option<&PgPool>) {
+        self.chosen.store(index, Ordering::Release);
+        if let Some(pool) = pool {
+            pool.set_connect_options(self.options[index].clone());
+        }
+    }
+
     /// Checks a connection the pool just opened (to the current host).
     pub(crate) async fn verify(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         let role = SessionRole::of(conn).await?;
@@ -159,7 +168,7 @@ impl HostChoice {
 
     /// Tries every host in order and returns the index of the first that
     /// fits with its open connection. `Err` names every host and why it did
-    /// not fit.
+    /// not fit. Changes nothing: [`HostChoice::settle_on`] does.
     pub(crate) async fn search(&self) -> Result<(usize, PgConnection), String> {
         let mut why_not = Vec::new();
         // prefer-standby: a standby on the first pass, any host on the second.
@@ -171,10 +180,7 @@ impl HostChoice {
             for (index, options) in self.options.iter().enumerate() {
                 let host = &self.list.hosts[index];
                 match try_host(options, wanted).await {
-                    Ok(conn) => {
-                        self.chosen.store(index, Ordering::Release);
-                        return Ok((index, conn));
-                    }
+                    Ok(conn) => return Ok((index, conn)),
                     Err(reason) => why_not.push(format!("{host}: {reason}")),
                 }
             }
@@ -206,7 +212,7 @@ impl HostChoice {
                 pace.backoff = BACKOFF_START;
                 pace.not_before = Instant::now() + BACKOFF_START;
                 let _ = tokio::time::timeout(ACQUIRE_TIMEOUT, conn.close()).await;
-                pool.set_connect_options(self.options[index].clone());
+                self.settle_on(index, Some(pool));
                 tracing::info!(host = %self.list.hosts[index], "connections now go to this host");
             }
             Err(reason) => {

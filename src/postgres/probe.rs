@@ -11,6 +11,7 @@ use sqlx::Row;
 use crate::config::TableName;
 use crate::error::{cause_of, hint_for};
 use crate::exec::Executor;
+use crate::host_choice::HostChoice;
 use crate::schema::{self, Layout};
 use crate::sql::{self, Statements};
 
@@ -27,14 +28,25 @@ pub(crate) async fn run(
     let started = Instant::now();
     let connected = timed("connect", ctx.timeout, exec.fetch(sql::WHOAMI)).await;
     if let Err(failed) = connected {
+        let failed = match exec.host_choice() {
+            Some(choice) => no_host_fits(choice, failed, ctx.timeout).await,
+            None => failed,
+        };
         report.probes.push(failed);
         report.probes.push(Probe::skip("table", "not connected"));
         report.probes.push(Probe::skip("sentinel", "not connected"));
         return report;
     }
-    report
-        .probes
-        .push(Probe::pass("connect", started.elapsed()));
+    let mut connect = Probe::pass("connect", started.elapsed());
+    if let Some(choice) = exec.host_choice() {
+        // A passing probe has no reason; its hint is where the store writes.
+        connect.hint = Some(format!(
+            "connected to {} (target_session_attrs={})",
+            choice.current_host(),
+            choice.attrs()
+        ));
+    }
+    report.probes.push(connect);
 
     let started = Instant::now();
     let layout = timed("table", ctx.timeout, schema::inspect(exec, table)).await;
@@ -108,6 +120,35 @@ async fn sentinel_round_trip(
             "wrote {probe_value} to the sentinel key but read back {read:?}"
         )),
     })
+}
+
+/// The connect probe of a store whose host is chosen, after its statement
+/// failed: each listed host is tried again, and the probe names every host
+/// and why it does not fit, or, if one does now, the host the statement
+/// failed on.
+async fn no_host_fits(choice: &HostChoice, failed: Probe, budget: Duration) -> Probe {
+    let started = Instant::now();
+    let reason = match &failed.status {
+        faucet_core::check::ProbeStatus::Fail { reason } => reason.clone(),
+        other => format!("{other:?}"),
+    };
+    match tokio::time::timeout(budget, choice.search()).await {
+        Ok(Err(why_not)) => Probe::fail_hint(
+            "connect",
+            started.elapsed(),
+            why_not,
+            format!(
+                "start or promote a server that gives a {} session, or list it in the URL",
+                choice.attrs()
+            ),
+        ),
+        _ => Probe {
+            status: faucet_core::check::ProbeStatus::Fail {
+                reason: format!("{}: {reason}", choice.current_host()),
+            },
+            ..failed
+        },
+    }
 }
 
 /// Runs one probe step under the doctor's time budget, turning an error or a
