@@ -43,6 +43,11 @@ use crate::reserve::Reserve;
 /// answers first, with a clearer error.
 pub(crate) const CLIENT_GRACE: Duration = Duration::from_secs(1);
 
+/// How long a statement of a store whose host is chosen waits for the pool
+/// to open a connection before choosing again: a loopback connect takes
+/// milliseconds, one across a region with TLS a few hundred.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(1);
+
 /// Default of [`PostgresStateStore::with_statement_timeout`](crate::PostgresStateStore::with_statement_timeout).
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -145,9 +150,7 @@ impl Executor {
             Some(conn) => conn,
             None => match self.reserve.wait_for_pool() {
                 (_, Some(conn)) => conn,
-                (_waiting, None) => tokio::time::timeout_at(deadline, self.pool.acquire())
-                    .await
-                    .map_err(|_| self.deadline_error("no pooled connection came free"))??,
+                (_waiting, None) => self.acquire(deadline).await?,
             },
         };
         let mut conn = CloseUnlessAnswered {
@@ -180,6 +183,30 @@ impl Executor {
             self.reserve.keep(conn);
         }
         answer
+    }
+
+    /// A connection from the pool by `deadline`. With a chosen host, a pool
+    /// that has to open one gets [`CONNECT_PATIENCE`]: sqlx retries a refused
+    /// connect until its acquire timeout, which would hold every statement
+    /// on a primary that died until then; `PoolTimedOut` instead has the host
+    /// chosen again.
+    async fn acquire(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        let must_connect = self.pool.num_idle() == 0
+            && self.pool.size() < self.pool.options().get_max_connections();
+        let patience = match &self.choice {
+            Some(_) if must_connect => {
+                (tokio::time::Instant::now() + CONNECT_PATIENCE).min(deadline)
+            }
+            _ => deadline,
+        };
+        match tokio::time::timeout_at(patience, self.pool.acquire()).await {
+            Ok(conn) => conn,
+            Err(_) if patience < deadline => Err(sqlx::Error::PoolTimedOut),
+            Err(_) => Err(self.deadline_error("no pooled connection came free")),
+        }
     }
 
     fn client_deadline(&self) -> Duration {
@@ -220,12 +247,14 @@ pub(crate) fn outcome_unknown(err: &sqlx::Error) -> bool {
 /// An error that says this host does not take the store's writes now, which
 /// another host of a chosen URL may: a lost connection (not a deadline), a
 /// read-only session, a server shutting down, crashing or still starting,
-/// or a new connection whose host changed role.
+/// a new connection whose host changed role, or no new connection within
+/// the patience.
 fn meets_the_wrong_host(err: &sqlx::Error) -> bool {
     (is_connection_lost(err) && !is_deadline(err))
         || is_read_only(err)
         || sqlstate(err).is_some_and(|code| matches!(code.as_str(), "57P01" | "57P02" | "57P03"))
         || is_wrong_session(err)
+        || matches!(err, sqlx::Error::PoolTimedOut)
 }
 
 /// 25006: read-only SQL transaction (a standby, or a demoted primary).

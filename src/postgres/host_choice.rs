@@ -12,7 +12,7 @@
 //! choice to be made again ([`HostChoice::look_again`]) before it retries.
 //!
 //! Looking again is paced: one search at a time, the next no sooner than a
-//! backoff after the last (50 ms, doubling to 2 s while no host fits; reset
+//! backoff after the last (25 ms, doubling to 250 ms while no host fits; reset
 //! once one does), so a dead primary behind a proxy that accepts and closes
 //! connections is not hammered. A URL with one host and no session
 //! requirement gets no `HostChoice`: connecting is exactly as before.
@@ -30,9 +30,9 @@ use crate::error::describe_sqlx;
 use crate::hosts::{HostList, SessionAttrs};
 
 /// First pause between two searches while no host fits.
-const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_START: Duration = Duration::from_millis(25);
 /// Longest pause between two searches.
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// The role a session reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
