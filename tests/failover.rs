@@ -259,3 +259,110 @@ async fn check_names_the_host_it_uses_and_why_each_host_fails() {
     );
     assert!(!reason.contains(SUPERUSER_PASSWORD), "{reason}");
 }
+
+#[tokio::test]
+async fn a_fence_holds_across_a_promotion_and_a_newer_claim_there_fences_the_old_instance() {
+    let (primary, standby) = primary_and_sync_standby().await;
+    let table = support::unique_table("fence_failover");
+    let url = url_of(
+        &[primary.port(), standby.port()],
+        "?target_session_attrs=read-write",
+    );
+    let fenced = |url: String, table: String| async move {
+        let plain = PostgresStateStore::connect_with(&url, 2, &table)
+            .await
+            .unwrap();
+        plain.ensure_table().await.unwrap();
+        plain.fence("orders").await.unwrap()
+    };
+    let old = fenced(url.clone(), table.clone()).await;
+    let first = old.fence_epoch().unwrap();
+    old.put("cursor", &json!(1)).await.unwrap();
+
+    primary.stop_immediate();
+    standby.promote();
+    // The epoch row was replicated: the old instance still holds its fence
+    // on the new primary and keeps writing.
+    old.put("cursor", &json!(2)).await.unwrap();
+    assert_eq!(
+        stored(&standby, &table, "cursor").await.as_deref(),
+        Some("2")
+    );
+
+    // A newer claim, made on the new primary, fences it.
+    let new = fenced(url, table.clone()).await;
+    let newer = new.fence_epoch().unwrap();
+    assert!(newer > first, "{newer} after {first}");
+    let refused = old.put("cursor", &json!(3)).await.expect_err("fenced");
+    assert!(
+        refused
+            .to_string()
+            .contains(&format!("fenced by a newer instance (epoch {newer})")),
+        "{refused}"
+    );
+    assert_eq!(
+        stored(&standby, &table, "cursor").await.as_deref(),
+        Some("2")
+    );
+    new.put("cursor", &json!(4)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_listening_store_listens_on_the_new_primary_and_serves_nothing_stale() {
+    let (primary, standby) = primary_and_sync_standby().await;
+    let table = support::unique_table("listen_failover");
+    let url = url_of(
+        &[primary.port(), standby.port()],
+        "?target_session_attrs=read-write",
+    );
+    let plain = PostgresStateStore::connect_with(&url, 2, &table)
+        .await
+        .unwrap();
+    plain.ensure_table().await.unwrap();
+    plain.ensure_change_notifications().await.unwrap();
+    let options = CacheOptions::new()
+        .durability(Durability::GroupCommit)
+        .listen_for_changes(true);
+    let reader = plain.cached(options).unwrap();
+    within_30s(|| async { (!reader.stats().listening).then(|| "never listening".to_owned()) })
+        .await;
+    reader.put("k", &json!("before")).await.unwrap();
+    assert_eq!(reader.get("k").await.unwrap(), Some(json!("before")));
+
+    // The reader sends nothing: its feed alone must notice the loss (while no
+    // host can take writes, it cannot subscribe again, so this is observed)
+    // and then find the new primary.
+    primary.stop_immediate();
+    within_30s(|| async {
+        reader
+            .stats()
+            .listening
+            .then(|| "the loss went unnoticed".to_owned())
+    })
+    .await;
+    standby.promote();
+    within_30s(|| async { (!reader.stats().listening).then(|| "not listening again".to_owned()) })
+        .await;
+    let writer = PostgresStateStore::connect_with(&standby.url(), 1, &table)
+        .await
+        .unwrap();
+    for value in ["after", "later"] {
+        writer.put("k", &json!(value)).await.unwrap();
+        within_30s(|| async {
+            let seen = reader.get("k").await.unwrap();
+            (seen != Some(json!(value))).then(|| format!("still {seen:?}, expected {value}"))
+        })
+        .await;
+    }
+    reader.shutdown().await.unwrap();
+}
+
+/// Runs `check` every 5 ms until it returns `None`; fails with its last
+/// message once 30 s have passed.
+async fn within_30s<F: std::future::Future<Output = Option<String>>>(mut check: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Some(failure) = check().await {
+        assert!(tokio::time::Instant::now() < deadline, "{failure}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

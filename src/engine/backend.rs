@@ -236,6 +236,7 @@ impl StateBackend for PostgresStateStore {
         Some(Box::new(crate::notify::PgChangeFeed::new(
             self.pool(),
             self.table(),
+            self.host_choice(),
         )))
     }
 }

@@ -12,6 +12,7 @@
 //! change that did not happen. They are sent whoever writes: this crate's
 //! stores, the 1.0 store, an operator's `UPDATE` in psql.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,6 +21,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 
 use crate::changes::{Change, ChangeFeed};
 use crate::config::TableName;
+use crate::host_choice::HostChoice;
 
 /// The channel every state table notifies on; the payload names the table.
 pub(crate) const CHANNEL: &str = "faucet_state_changes";
@@ -119,6 +121,9 @@ pub(crate) struct PgChangeFeed {
     /// on: read at each subscription, so after a failover (the store's host
     /// chosen again) the feed follows.
     store_pool: PgPool,
+    /// For a URL whose host is chosen: chosen again when subscribing fails,
+    /// so an idle store's feed finds the promoted primary by itself.
+    choice: Option<Arc<HostChoice>>,
     table: String,
     listener: Option<Subscription>,
     /// Whether `Listening` was reported since the last `Lost`.
@@ -134,9 +139,10 @@ struct Subscription {
 
 impl PgChangeFeed {
     /// A feed on its own connection to the server `store_pool` connects to.
-    pub(crate) fn new(store_pool: &PgPool, table: &str) -> Self {
+    pub(crate) fn new(store_pool: &PgPool, table: &str, choice: Option<Arc<HostChoice>>) -> Self {
         Self {
             store_pool: store_pool.clone(),
+            choice,
             table: table.to_owned(),
             listener: None,
             listening: false,
@@ -194,6 +200,9 @@ impl ChangeFeed for PgChangeFeed {
                     }
                     Err(reason) => {
                         tracing::warn!(%reason, "faucet-state-postgres: could not LISTEN for changes; retrying");
+                        if let Some(choice) = &self.choice {
+                            choice.look_again(&self.store_pool).await;
+                        }
                         tokio::time::sleep(self.retry).await;
                         self.retry = (self.retry * 2).min(RETRY_MAX);
                         continue;

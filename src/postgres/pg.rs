@@ -23,6 +23,7 @@ use crate::connect::connect_pool;
 use crate::error::{StoreError, describe_sqlx, refuses_rows, sqlstate};
 use crate::exec::{DEFAULT_STATEMENT_TIMEOUT, Executor, outcome_unknown};
 use crate::fence::{self, FENCED_SQLSTATE, Fence};
+use crate::host_choice::HostChoice;
 use crate::session::SessionSettings;
 use crate::sql::{Prepared, Statements, timeout_millis};
 use crate::{probe, schema};
@@ -384,6 +385,11 @@ impl PostgresStateStore {
     /// The table name, as given (unquoted).
     pub fn table(&self) -> &str {
         self.table.as_str()
+    }
+
+    /// How connections choose their host, for a multi-host URL.
+    pub(crate) fn host_choice(&self) -> Option<Arc<HostChoice>> {
+        self.exec.host_choice().cloned()
     }
 
     /// The connection pool.
