@@ -183,6 +183,25 @@ async fn a_server_turned_read_only_is_left_for_the_next_host() {
     store.put("k", &json!(1)).await.unwrap();
     assert_eq!(stored(&first, &table, "k").await.as_deref(), Some("1"));
     alter_system(&first, "default_transaction_read_only = on").await;
+    // The reload is asynchronous: once a new session starts read-only, the
+    // postmaster has re-read the file and signalled every backend, the
+    // store's pooled one too, which applies it before its next statement.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut conn = sqlx::PgConnection::connect(&first.url()).await.unwrap();
+        let now: String = sqlx::query_scalar("SHOW default_transaction_read_only")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        if now == "on" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload never took"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     // The pooled connection to `first` now answers 25006; the put goes to
     // `second` instead of failing.
     store.put("k", &json!(2)).await.unwrap();

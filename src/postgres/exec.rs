@@ -20,9 +20,9 @@
 //! - **Another host.** With a URL whose host is chosen (`host_choice.rs`), a
 //!   message that meets a lost connection, a read-only session (25006), a
 //!   server shutting down or not yet accepting connections (57P01, 57P02,
-//!   57P03), or a new connection whose host changed role, first has the
-//!   host chosen again (paced), then is sent again, within the same number
-//!   of attempts. The connection that answered read-only is closed, not
+//!   57P03), or no new connection within 1 s (a host that changed role: the
+//!   pool keeps retrying a connect it refuses), first has the host chosen
+//!   again (paced), then is sent again, within the same number of attempts. The connection that answered read-only is closed, not
 //!   returned to the pool.
 
 use std::future::Future;
@@ -35,7 +35,7 @@ use sqlx::postgres::{PgConnection, PgRow, Postgres};
 use sqlx::{Execute, PgPool};
 
 use crate::error::{is_connection_lost, sqlstate};
-use crate::host_choice::{HostChoice, is_wrong_session};
+use crate::host_choice::HostChoice;
 use crate::reserve::Reserve;
 
 /// How much longer than `statement_timeout` the client waits for an answer
@@ -247,13 +247,12 @@ pub(crate) fn outcome_unknown(err: &sqlx::Error) -> bool {
 /// An error that says this host does not take the store's writes now, which
 /// another host of a chosen URL may: a lost connection (not a deadline), a
 /// read-only session, a server shutting down, crashing or still starting,
-/// a new connection whose host changed role, or no new connection within
-/// the patience.
+/// or no new connection within the patience (which is how a host that
+/// changed role shows: the pool keeps retrying the connect it refuses).
 fn meets_the_wrong_host(err: &sqlx::Error) -> bool {
     (is_connection_lost(err) && !is_deadline(err))
         || is_read_only(err)
         || sqlstate(err).is_some_and(|code| matches!(code.as_str(), "57P01" | "57P02" | "57P03"))
-        || is_wrong_session(err)
         || matches!(err, sqlx::Error::PoolTimedOut)
 }
 

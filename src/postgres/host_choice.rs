@@ -7,7 +7,8 @@
 //! connect options are pointed at the first that fits. Every connection the
 //! pool opens afterwards is checked the same way before use, so a host that
 //! changed role (a primary demoted, a standby promoted) is never written to
-//! by a new connection. When a statement meets a lost connection, a
+//! by a new connection: the pool keeps trying, and the statement waiting for
+//! it has the host chosen again once its patience (1 s) ends. When a statement meets a lost connection, a
 //! read-only session or a server shutting down, the executor asks for the
 //! choice to be made again ([`HostChoice::look_again`]) before it retries.
 //!
@@ -77,18 +78,15 @@ impl SessionRole {
 }
 
 /// Why a new pool connection was refused: its host no longer gives the
-/// session the URL asks for. Carried inside `sqlx::Error::Configuration`.
+/// session the URL asks for. sqlx's pool logs it and tries the connect again
+/// (it retries after any `after_connect` error) until the statement's
+/// patience ends (see `exec.rs`); the host is then chosen again.
 #[derive(Debug, thiserror::Error)]
 #[error("{host} is now {role}, and target_session_attrs={attrs}; looking for another host")]
 pub(crate) struct WrongSession {
     host: String,
     role: &'static str,
     attrs: SessionAttrs,
-}
-
-/// Whether `err` is a connection refused for [`WrongSession`].
-pub(crate) fn is_wrong_session(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Configuration(e) if e.is::<WrongSession>())
 }
 
 /// The hosts of one URL, the options of each, and the one connections go to.
