@@ -11,6 +11,7 @@
 //! next acknowledged write is reported on stderr, not asserted.
 
 mod formation;
+mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

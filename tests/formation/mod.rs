@@ -12,12 +12,13 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::os::unix::fs::chown;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::support::{account_ids, free_port, running_as_root};
 
 /// Where Debian's pg_auto_failover finds its PostgreSQL.
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -335,21 +336,12 @@ impl Drop for Formation {
             kill_group(child);
             let _ = child.wait();
         }
-        let pg_ctl = format!("{PG_BIN}/pg_ctl");
-        for dir in ["monitor", "node0", "node1"] {
-            let _ = self
-                .command(&pg_ctl)
-                .args([
-                    "stop",
-                    "-D",
-                    &path_str(&self.root.join(dir)),
-                    "-m",
-                    "immediate",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(KILL_EVERYTHING_UNDER)
+            .arg("formation")
+            .arg(&self.root)
+            .status();
         let _ = std::fs::remove_dir_all(&self.root);
         let _ = self.watchdog.kill();
         let _ = self.watchdog.wait();
@@ -393,12 +385,20 @@ fn kill_group(child: &Child) {
         .status();
 }
 
-/// Stops every server under `root` and removes it once this process is gone,
-/// however it ends.
+/// SIGKILLs every process started for the formation at `$1`: `pg_autoctl`
+/// renames its worker processes and they start PostgreSQL's, so no command
+/// line names the formation, but every one of them carries its
+/// `XDG_CONFIG_HOME` in its environment.
+const KILL_EVERYTHING_UNDER: &str = r#"for p in /proc/[0-9]*; do
+  if grep -qzx "XDG_CONFIG_HOME=$1/config" "$p/environ" 2>/dev/null; then kill -KILL "${p#/proc/}" 2>/dev/null; fi
+done"#;
+
+/// Stops every process of the formation under `root` and removes it once
+/// this process is gone, however it ends.
 fn spawn_watchdog(root: &Path, run_as: Option<(u32, u32)>) -> Child {
     let script = format!(
         r#"while [ -d "/proc/$0" ]; do sleep 0.5; done
-pkill -KILL -f "pg_autoctl.*$1" ; for d in "$1"/monitor "$1"/node0 "$1"/node1; do "{PG_BIN}/pg_ctl" stop -D "$d" -m immediate; done >/dev/null 2>&1
+{KILL_EVERYTHING_UNDER}
 rm -rf "$1""#
     );
     let mut cmd = Command::new("sh");
@@ -415,35 +415,6 @@ rm -rf "$1""#
     cmd.spawn().expect("spawn the formation's watchdog")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
-
 fn path_str(path: &Path) -> String {
     path.to_str().expect("temp paths are UTF-8").to_owned()
-}
-
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn account_ids(name: &str) -> Option<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        (fields.len() > 3 && fields[0] == name)
-            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
-            .flatten()
-    })
 }

@@ -483,7 +483,8 @@ fn find_bin_dir() -> Option<PathBuf> {
     versions.pop()
 }
 
-fn running_as_root() -> bool {
+/// Whether this process runs as root (PostgreSQL then runs as `postgres`).
+pub fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -495,7 +496,8 @@ fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
-fn account_ids(name: &str) -> Option<(u32, u32)> {
+/// The uid and gid of account `name`.
+pub fn account_ids(name: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();
@@ -517,7 +519,8 @@ fn fresh_dir() -> PathBuf {
     ))
 }
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
