@@ -1,5 +1,6 @@
 //! Connecting, the doctor probe, and roles with restricted rights.
 
+mod fault_support;
 mod support;
 
 use std::time::Duration;
@@ -402,4 +403,33 @@ async fn connect_to_a_server_that_never_answers_fails_within_its_deadline() {
     assert!(err.contains("no answer within"), "{err}");
     assert!(!err.contains(SECRET), "{err}");
     silent.abort();
+}
+
+/// Behind a proxy whose server is gone (it accepts each connection and
+/// closes it), a failed statement opens one connection, not one after
+/// another: the pool is not churned.
+#[tokio::test]
+async fn a_server_behind_a_proxy_gone_costs_one_connection_per_failed_statement() {
+    let server = support::PgServer::start();
+    let proxy = fault_support::FaultProxy::start(server.port()).await;
+    let url = fault_support::with_port(&server.url(), proxy.port());
+    let table = support::unique_table("proxy_gone");
+    let store = PostgresStateStore::connect_with(&url, 4, &table)
+        .await
+        .unwrap();
+    store.ensure_table().await.unwrap();
+    store.put("k", &json!(1)).await.unwrap();
+    server.stop_immediate();
+    // The first failure drains the dead pooled connections (each a lost
+    // connection, sent again on the next) and then fails to open a new one.
+    store.put("k", &json!(2)).await.unwrap_err();
+    for _ in 0..5 {
+        let before = proxy.accepted();
+        store.put("k", &json!(3)).await.unwrap_err();
+        assert_eq!(
+            proxy.accepted() - before,
+            1,
+            "connections opened for one failed put"
+        );
+    }
 }

@@ -16,7 +16,12 @@
 //!   another one, up to `max_connections + 1` times in all. Every message the
 //!   stores send is idempotent (an upsert of given values, a delete, a read),
 //!   so sending it again cannot change the outcome. A deadline that passed is
-//!   not retried: the caller decides.
+//!   not retried: the caller decides. Nor is a connection that could not be
+//!   opened: the server (or a proxy in front of a dead one, which accepts
+//!   and closes) is unreachable, and opening one connection after another
+//!   would only churn; the caller, or the flusher with its backoff, tries
+//!   again later. (sqlx's pool itself retries a refused connect, with
+//!   backoff, within its acquire timeout.)
 //! - **Another host.** With a URL whose host is chosen (`host_choice.rs`), a
 //!   message that meets a lost connection, a read-only session (25006), a
 //!   server shutting down or not yet accepting connections (57P01, 57P02,
@@ -114,20 +119,26 @@ impl Executor {
         let attempts = self.pool.options().get_max_connections() + 1;
         let mut result = self.attempt(build()).await;
         for retry in 1..attempts {
-            match (&result, &self.choice) {
-                (Err(e), Some(choice)) if meets_the_wrong_host(e) => {
-                    tracing::debug!(retry, error = %e, "choosing the host again, then sending again");
+            let Err(failed) = &result else { break };
+            let error = &failed.error;
+            match &self.choice {
+                Some(choice) if meets_the_wrong_host(error) => {
+                    tracing::debug!(retry, %error, "choosing the host again, then sending again");
                     choice.look_again(&self.pool).await;
-                    result = self.attempt(build()).await;
                 }
-                (Err(e), _) if is_connection_lost(e) && !is_deadline(e) => {
-                    tracing::debug!(retry, error = %e, "connection lost; sending again on another");
-                    result = self.attempt(build()).await;
+                // No connection could even be opened: the server, or a proxy
+                // in front of it that accepts and closes, is unreachable now.
+                // Opening more at once would only churn connections; the
+                // caller (the flusher, with its backoff) tries again later.
+                _ if failed.connecting => break,
+                _ if is_connection_lost(error) && !is_deadline(error) => {
+                    tracing::debug!(retry, %error, "connection lost; sending again on another");
                 }
                 _ => break,
             }
+            result = self.attempt(build()).await;
         }
-        result
+        result.map_err(|failed| failed.error)
     }
 
     /// Runs `query` once, never again on a lost connection: for a statement
@@ -138,10 +149,10 @@ impl Executor {
     where
         E: Execute<'q, Postgres> + Send + 'q,
     {
-        self.attempt(query).await
+        self.attempt(query).await.map_err(|failed| failed.error)
     }
 
-    async fn attempt<'q, E>(&self, query: E) -> Result<Vec<PgRow>, sqlx::Error>
+    async fn attempt<'q, E>(&self, query: E) -> Result<Vec<PgRow>, Failed>
     where
         E: Execute<'q, Postgres> + Send + 'q,
     {
@@ -150,7 +161,10 @@ impl Executor {
             Some(conn) => conn,
             None => match self.reserve.wait_for_pool() {
                 (_, Some(conn)) => conn,
-                (_waiting, None) => self.acquire(deadline).await?,
+                (_waiting, None) => self.acquire(deadline).await.map_err(|error| Failed {
+                    error,
+                    connecting: true,
+                })?,
             },
         };
         let mut conn = CloseUnlessAnswered {
@@ -159,11 +173,12 @@ impl Executor {
         };
         let answer = tokio::time::timeout_at(deadline, fetch_on(conn.get(), query))
             .await
-            .map_err(|_| {
-                self.deadline_error(
+            .map_err(|_| Failed {
+                error: self.deadline_error(
                     "the server did not answer; the connection was closed \
                      (the server may be stalled or unreachable)",
-                )
+                ),
+                connecting: false,
             })?;
         // An error is an answer too: the connection is in a known state (a
         // broken one fails sqlx's ping on release and is dropped). Only one
@@ -182,7 +197,10 @@ impl Executor {
         {
             self.reserve.keep(conn);
         }
-        answer
+        answer.map_err(|error| Failed {
+            error,
+            connecting: false,
+        })
     }
 
     /// A connection from the pool by `deadline`. With a chosen host, a pool
@@ -222,6 +240,13 @@ impl Executor {
             ),
         ))
     }
+}
+
+/// How one attempt failed, and whether it failed opening a connection
+/// (nothing was sent) rather than on one.
+struct Failed {
+    error: sqlx::Error,
+    connecting: bool,
 }
 
 /// Runs `sql` on one connection. A plain function returning a boxed future:

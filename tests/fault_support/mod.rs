@@ -91,6 +91,7 @@ pub struct FaultProxy {
     cuts: Arc<AtomicU64>,
     stalled: watch::Sender<bool>,
     down: watch::Sender<bool>,
+    accepted: Arc<AtomicU64>,
     accept_loop: JoinHandle<()>,
 }
 
@@ -101,8 +102,10 @@ impl FaultProxy {
         let (cut, _) = watch::channel(0u64);
         let (stalled, _) = watch::channel(false);
         let (down, _) = watch::channel(false);
+        let accepted = Arc::new(AtomicU64::new(0));
         let accept_loop = tokio::spawn({
             let (cut, stalled, down) = (cut.clone(), stalled.clone(), down.clone());
+            let accepted = accepted.clone();
             async move {
                 let mut listener = Some(listener);
                 let mut down_signal = down.subscribe();
@@ -130,6 +133,7 @@ impl FaultProxy {
                         },
                         _ = down_signal.changed() => continue,
                     };
+                    accepted.fetch_add(1, Ordering::Relaxed);
                     let connection = Connection {
                         cut: cut.subscribe(),
                         stalled: stalled.clone(),
@@ -145,8 +149,16 @@ impl FaultProxy {
             cuts: Arc::default(),
             stalled,
             down,
+            accepted,
             accept_loop,
         }
+    }
+
+    /// Connections accepted so far. With the upstream server stopped, each
+    /// is accepted and closed at once, as by a proxy in front of a dead
+    /// primary.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
     }
 
     pub fn port(&self) -> u16 {
