@@ -153,14 +153,40 @@ async fn read_write_goes_past_a_standby_listed_first() {
         &[primary.port(), standby.port()],
         "?target_session_attrs=standby",
     );
-    let store = PostgresStateStore::connect_with(&url, 1, "never_created")
+    let table = support::unique_table("standby_target");
+    let on_primary = PostgresStateStore::connect_with(&primary.url(), 1, &table)
+        .await
+        .unwrap();
+    on_primary.ensure_table().await.unwrap();
+    // Flushed on the standby when that returned (synchronous), replayed a
+    // moment later.
+    let mut on_standby = sqlx::PgConnection::connect(&standby.url()).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sqlx::query_scalar::<_, Option<String>>("SELECT to_regclass($1)::text")
+        .bind(&table)
+        .fetch_one(&mut on_standby)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the table never reached the standby"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let store = PostgresStateStore::connect_with(&url, 1, &table)
         .await
         .unwrap();
     let refused = store
-        .ensure_table()
+        .put("k", &json!(1))
         .await
-        .expect_err("a standby is read-only");
-    assert!(refused.to_string().contains("read-only"), "{refused}");
+        .expect_err("a standby is read-only")
+        .to_string();
+    assert!(refused.contains("read-only"), "{refused}");
+    // The error names the host it came from.
+    let host = format!("(host 127.0.0.1:{})", standby.port());
+    assert!(refused.contains(&host), "{refused}");
 }
 
 #[tokio::test]

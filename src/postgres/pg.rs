@@ -707,10 +707,15 @@ impl PostgresStateStore {
                 reason: describe_sqlx(e),
             };
         }
+        let mut reason = describe_sqlx(e);
+        if let Some(choice) = self.exec.host_choice() {
+            // Which of the URL's hosts the statement went to.
+            reason = format!("{reason} (host {})", choice.current_host());
+        }
         StoreError::Query {
             op,
             table: self.table().to_owned(),
-            reason: describe_sqlx(e),
+            reason,
             refused: refuses_rows(e),
         }
     }
