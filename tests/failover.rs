@@ -35,6 +35,14 @@ fn url_of(ports: &[u16], query: &str) -> String {
     )
 }
 
+/// `first`, then `second`, asking for a read-write session.
+fn read_write_url(first: &PgServer, second: &PgServer) -> String {
+    url_of(
+        &[first.port(), second.port()],
+        "?target_session_attrs=read-write",
+    )
+}
+
 /// A loopback port nothing listens on.
 fn dead_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -132,10 +140,7 @@ async fn no_listed_host_answering_is_an_error_naming_each_host() {
 #[tokio::test]
 async fn read_write_goes_past_a_standby_listed_first() {
     let (primary, standby) = primary_and_sync_standby().await;
-    let url = url_of(
-        &[standby.port(), primary.port()],
-        "?target_session_attrs=read-write",
-    );
+    let url = read_write_url(&standby, &primary);
     for mode in MODES {
         let table = support::unique_table("standby_first");
         let store = cached(&url, &table, mode).await;
@@ -193,10 +198,7 @@ async fn read_write_goes_past_a_standby_listed_first() {
 async fn a_server_turned_read_only_is_left_for_the_next_host() {
     let (first, second) = (PgServer::start(), PgServer::start());
     let table = support::unique_table("turned_read_only");
-    let url = url_of(
-        &[first.port(), second.port()],
-        "?target_session_attrs=read-write",
-    );
+    let url = read_write_url(&first, &second);
     for server in [&first, &second] {
         let store = PostgresStateStore::connect_with(&server.url(), 1, &table)
             .await
@@ -240,10 +242,7 @@ async fn after_a_failover_every_acknowledged_write_is_on_the_new_primary() {
     for mode in MODES {
         let (primary, standby) = primary_and_sync_standby().await;
         let table = support::unique_table("failover");
-        let url = url_of(
-            &[primary.port(), standby.port()],
-            "?target_session_attrs=read-write",
-        );
+        let url = read_write_url(&primary, &standby);
         let store = cached(&url, &table, mode).await;
         for i in 0..50 {
             store.put(&format!("k{i}"), &json!(i)).await.unwrap();
@@ -272,10 +271,7 @@ async fn after_a_failover_every_acknowledged_write_is_on_the_new_primary() {
 async fn check_names_the_host_it_uses_and_why_each_host_fails() {
     let (first, second) = (PgServer::start(), PgServer::start());
     let table = support::unique_table("check_hosts");
-    let url = url_of(
-        &[first.port(), second.port()],
-        "?target_session_attrs=read-write",
-    );
+    let url = read_write_url(&first, &second);
     let store = PostgresStateStore::connect_with(&url, 1, &table)
         .await
         .unwrap();
@@ -309,10 +305,7 @@ async fn check_names_the_host_it_uses_and_why_each_host_fails() {
 async fn a_fence_holds_across_a_promotion_and_a_newer_claim_there_fences_the_old_instance() {
     let (primary, standby) = primary_and_sync_standby().await;
     let table = support::unique_table("fence_failover");
-    let url = url_of(
-        &[primary.port(), standby.port()],
-        "?target_session_attrs=read-write",
-    );
+    let url = read_write_url(&primary, &standby);
     let fenced = |url: String, table: String| async move {
         let plain = PostgresStateStore::connect_with(&url, 2, &table)
             .await
@@ -356,10 +349,7 @@ async fn a_fence_holds_across_a_promotion_and_a_newer_claim_there_fences_the_old
 async fn a_listening_store_listens_on_the_new_primary_and_serves_nothing_stale() {
     let (primary, standby) = primary_and_sync_standby().await;
     let table = support::unique_table("listen_failover");
-    let url = url_of(
-        &[primary.port(), standby.port()],
-        "?target_session_attrs=read-write",
-    );
+    let url = read_write_url(&primary, &standby);
     let plain = PostgresStateStore::connect_with(&url, 2, &table)
         .await
         .unwrap();

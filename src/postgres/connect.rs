@@ -86,24 +86,15 @@ pub(crate) async fn connect_pool(
     max_connections: u32,
     session: Arc<SessionSettings>,
 ) -> Result<(PgPool, Option<Arc<HostChoice>>), StoreError> {
-    let connect_error = |e: sqlx::Error| StoreError::Connect {
-        target: redact_url(url),
-        reason: scrub_password(describe_sqlx(&e), url),
-    };
-    let list = HostList::parse(url).map_err(|reason| StoreError::Connect {
-        target: redact_url(url),
-        reason: scrub_password(reason, url),
-    })?;
+    let connect_error = |e: sqlx::Error| connect_failed(url, describe_sqlx(&e));
+    let list = HostList::parse(url).map_err(|reason| connect_failed(url, reason))?;
     if list.needs_choosing() {
         return connect_choosing(url, list, max_connections, session).await;
     }
     // PgBouncer refuses startup parameters it does not track, and sqlx sends
     // extra_float_digits by default; the stores never read a float column.
     let options = crate::environment::connect_options(&list.url_for(0))
-        .map_err(|reason| StoreError::Connect {
-            target: redact_url(url),
-            reason: scrub_password(reason, url),
-        })?
+        .map_err(|reason| connect_failed(url, reason))?
         .extra_float_digits(None);
     // Bounded like the pool's own connects: an address that drops packets
     // would otherwise hold the caller for the system's TCP timeout.
@@ -135,10 +126,7 @@ async fn connect_choosing(
     max_connections: u32,
     session: Arc<SessionSettings>,
 ) -> Result<(PgPool, Option<Arc<HostChoice>>), StoreError> {
-    let failed = |reason: String| StoreError::Connect {
-        target: list.redacted(),
-        reason: scrub_password(reason, url),
-    };
+    let failed = |reason: String| connect_failed(url, reason);
     let options = (0..list.hosts.len())
         .map(|index| {
             let options = crate::environment::connect_options(&list.url_for(index))?;
@@ -146,7 +134,7 @@ async fn connect_choosing(
         })
         .collect::<Result<Vec<_>, String>>()
         .map_err(failed)?;
-    let choice = Arc::new(HostChoice::new(list.clone(), options));
+    let choice = Arc::new(HostChoice::new(list, options));
     let (index, mut first) = choice.search().await.map_err(failed)?;
     choice.settle_on(index, None);
     session.set_client_check(accepts_client_check(&mut first).await);
@@ -156,6 +144,15 @@ async fn connect_choosing(
         .await
         .map_err(|e| failed(describe_sqlx(&e)))?;
     Ok((pool, Some(choice)))
+}
+
+/// Connecting to `url` failed for `reason`: the error names every host of the
+/// URL, with each password redacted from both.
+fn connect_failed(url: &str, reason: String) -> StoreError {
+    StoreError::Connect {
+        target: redact_url(url),
+        reason: scrub_password(reason, url),
+    }
 }
 
 /// Whether the server accepts `client_connection_check_interval`

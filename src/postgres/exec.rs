@@ -27,8 +27,9 @@
 //!   server shutting down or not yet accepting connections (57P01, 57P02,
 //!   57P03), or no new connection within 1 s (a host that changed role: the
 //!   pool keeps retrying a connect it refuses), first has the host chosen
-//!   again (paced), then is sent again, within the same number of attempts. The connection that answered read-only is closed, not
-//!   returned to the pool.
+//!   again (paced), then is sent again, within the same number of attempts.
+//!   The connection that answered read-only is closed, not returned to the
+//!   pool.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -75,6 +76,12 @@ impl Executor {
             statement_timeout,
             choice: None,
         }
+    }
+
+    /// The same pool and host choice with another deadline (and a reserve of
+    /// its own).
+    pub(crate) fn with_statement_timeout(&self, statement_timeout: Duration) -> Self {
+        Self::new(self.pool.clone(), statement_timeout).with_host_choice(self.choice.clone())
     }
 
     /// Chooses the host again when a message meets the wrong one.
@@ -270,14 +277,15 @@ pub(crate) fn outcome_unknown(err: &sqlx::Error) -> bool {
 }
 
 /// An error that says this host does not take the store's writes now, which
-/// another host of a chosen URL may: a lost connection (not a deadline), a
-/// read-only session, a server shutting down, crashing or still starting,
-/// or no new connection within the patience (which is how a host that
-/// changed role shows: the pool keeps retrying the connect it refuses).
+/// another host of a chosen URL may: a lost connection (not a deadline; it
+/// includes a server shutting down or crashing, 57P01 and 57P02), a
+/// read-only session, a server still starting (57P03), or no new connection
+/// within the patience (which is how a host that changed role shows: the
+/// pool keeps retrying the connect it refuses).
 fn meets_the_wrong_host(err: &sqlx::Error) -> bool {
     (is_connection_lost(err) && !is_deadline(err))
         || is_read_only(err)
-        || sqlstate(err).is_some_and(|code| matches!(code.as_str(), "57P01" | "57P02" | "57P03"))
+        || sqlstate(err).as_deref() == Some("57P03")
         || matches!(err, sqlx::Error::PoolTimedOut)
 }
 

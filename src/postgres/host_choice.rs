@@ -8,9 +8,10 @@
 //! pool opens afterwards is checked the same way before use, so a host that
 //! changed role (a primary demoted, a standby promoted) is never written to
 //! by a new connection: the pool keeps trying, and the statement waiting for
-//! it has the host chosen again once its patience (1 s) ends. When a statement meets a lost connection, a
-//! read-only session or a server shutting down, the executor asks for the
-//! choice to be made again ([`HostChoice::look_again`]) before it retries.
+//! it has the host chosen again once its patience (1 s) ends. When a
+//! statement meets a lost connection, a read-only session or a server
+//! shutting down, the executor asks for the choice to be made again
+//! ([`HostChoice::look_again`]) before it retries.
 //!
 //! Looking again is paced: one search at a time, the next no sooner than a
 //! backoff after the last (25 ms, doubling to 250 ms while no host fits; reset

@@ -291,8 +291,7 @@ impl PostgresStateStore {
     /// ```
     pub fn with_statement_timeout(mut self, timeout: Duration) -> Self {
         let timeout = Duration::from_millis(timeout_millis(timeout));
-        self.exec = Executor::new(self.exec.pool().clone(), timeout)
-            .with_host_choice(self.exec.host_choice().cloned());
+        self.exec = self.exec.with_statement_timeout(timeout);
         self.sql = self.statements(timeout);
         self.configure_sessions();
         self
