@@ -7,7 +7,10 @@
 //!
 //! The source and the sink live in memory, so the time is the pipeline's
 //! own work plus one bookmark `put` per page (and one `get` at the start):
-//! the difference between the lines is the state store's. Under
+//! the difference between the lines is the state store's. The plain store
+//! with default options is the `faucet` CLI's case; "(messages)" pins one
+//! message per call (`with_prepared_statements(false)`), the form a store
+//! behind a transaction pooler sends. Under
 //! `cargo test --benches` it runs 200 pages, as a smoke test.
 
 mod common;
@@ -110,11 +113,15 @@ async fn run(pages: u64, store: Arc<dyn StateStore>) -> Duration {
     elapsed
 }
 
-async fn plain(url: &str, tag: &str, prepared: bool) -> PostgresStateStore {
-    let store = PostgresStateStore::connect_with(url, 5, &support::unique_table(tag))
+/// The plain store as the `faucet` CLI opens it (`connect_with` and
+/// `ensure_table`, default options), or pinned to one message per call.
+async fn plain(url: &str, tag: &str, messages: bool) -> PostgresStateStore {
+    let mut store = PostgresStateStore::connect_with(url, 5, &support::unique_table(tag))
         .await
-        .expect("connect")
-        .with_prepared_statements(prepared);
+        .expect("connect");
+    if messages {
+        store = store.with_prepared_statements(false);
+    }
     store.ensure_table().await.expect("table");
     store
 }
@@ -139,13 +146,20 @@ fn main() {
             );
         };
         line("upstream_1_0_1", upstream);
-        for prepared in [false, true] {
-            let suffix = if prepared { " (prepared)" } else { "" };
+        // The plain store behind PgBouncer in transaction mode, where it
+        // sends messages (1.0.1 cannot run there: it prepares statements).
+        if let Some(bouncer) = support::pgbouncer_url() {
+            let store = plain(&bouncer, "pipeline_pgbouncer", false).await;
+            assert!(!store.prepared_statements(), "PgBouncer is found out");
+            line("plain via PgBouncer", run(pages, Arc::new(store)).await);
+        }
+        for messages in [false, true] {
+            let suffix = if messages { " (messages)" } else { "" };
             line(
                 &format!("plain{suffix}"),
                 run(
                     pages,
-                    Arc::new(plain(&url, "pipeline_plain", prepared).await),
+                    Arc::new(plain(&url, "pipeline_plain", messages).await),
                 )
                 .await,
             );
@@ -155,7 +169,7 @@ fn main() {
                 ("write_behind", Durability::WriteBehind),
             ] {
                 let store = Arc::new(
-                    plain(&url, mode, prepared)
+                    plain(&url, mode, messages)
                         .await
                         .cached(CacheOptions::new().durability(durability))
                         .expect("cached store"),

@@ -69,11 +69,14 @@ async fn rate(store: Arc<dyn StateStore>, writers: usize, run_for: Duration) -> 
     counted as f64 / elapsed.as_secs_f64()
 }
 
-async fn plain(url: &str, prepared: bool) -> PostgresStateStore {
-    let store = PostgresStateStore::connect_with(url, 5, &support::unique_table("scaling"))
+/// A plain store with default options, or pinned to one message per call.
+async fn plain(url: &str, messages: bool) -> PostgresStateStore {
+    let mut store = PostgresStateStore::connect_with(url, 5, &support::unique_table("scaling"))
         .await
-        .expect("connect")
-        .with_prepared_statements(prepared);
+        .expect("connect");
+    if messages {
+        store = store.with_prepared_statements(false);
+    }
     store.ensure_table().await.expect("table");
     store
 }
@@ -191,7 +194,7 @@ fn main() {
             ("1.0.1", "#888888"),
             ("write-through", "#1f77b4"),
             ("group commit", "#ff7f0e"),
-            ("group commit, prepared", "#2ca02c"),
+            ("group commit, messages", "#2ca02c"),
         ];
         for (name, colour) in subjects {
             let mut rates = Vec::new();
@@ -205,7 +208,7 @@ fn main() {
                             .expect("store"),
                     ),
                     _ => Arc::new(
-                        plain(&url, name.ends_with("prepared"))
+                        plain(&url, name.ends_with("messages"))
                             .await
                             .cached(CacheOptions::new().durability(Durability::GroupCommit))
                             .expect("store"),

@@ -12,13 +12,17 @@
 //! the same size, twice: an insert pass, then an update pass (the steady
 //! state of a pipeline). Rows per second are keys written divided by the
 //! time from the first write to the last commit (`flush()` for the
-//! write-behind store). The subjects:
+//! write-behind store); for `put_many` and the bare sqlx loop, by the time
+//! inside the calls (building the batches is the caller's work, and
+//! pgbench has none). The subjects:
 //!
 //! - `write_behind`: `put` from one task, default options (`max_pending`
 //!   100,000, fewer than the keys, so back-pressure engages); `put` latency
-//!   p50/p99/max of the update pass. Default (simple-protocol) and
-//!   prepared mode.
-//! - `put_many`: 1,000-key batches of the plain store, default and prepared.
+//!   p50/p99/max of the update pass. Default (on this direct connection,
+//!   prepared statements) and pinned to one message per call
+//!   (`with_prepared_statements(false)`, the form behind a transaction
+//!   pooler).
+//! - `put_many`: 1,000-key batches of the plain store, default and messages.
 //! - `sqlx`: a bare sqlx loop of the same 1,000-row `UNNEST` upsert,
 //!   prepared, on one connection.
 //! - `pgbench`: PostgreSQL's own client, `-M prepared`, one client, the same
@@ -66,16 +70,20 @@ struct Pass {
 }
 
 impl Bench {
+    /// A plain store with default options, or pinned to one message per
+    /// call (`messages`).
     async fn plain(
         &self,
         tag: &str,
-        prepared: bool,
+        messages: bool,
         fillfactor: Option<u32>,
     ) -> PostgresStateStore {
-        let store = PostgresStateStore::connect_with(&self.url, 5, &support::unique_table(tag))
+        let mut store = PostgresStateStore::connect_with(&self.url, 5, &support::unique_table(tag))
             .await
-            .expect("connect")
-            .with_prepared_statements(prepared);
+            .expect("connect");
+        if messages {
+            store = store.with_prepared_statements(false);
+        }
         store.ensure_table().await.expect("table");
         if let Some(fillfactor) = fillfactor {
             sqlx::raw_sql(&format!(
@@ -120,37 +128,44 @@ impl Bench {
         (pass, backend)
     }
 
+    /// Only the calls are timed: the caller's building of each batch (keys
+    /// and bookmarks) is not the store's work, and pgbench has none.
     async fn put_many(&self, store: &PostgresStateStore, pass: usize) -> Pass {
-        let started = Instant::now();
+        let mut in_calls = Duration::ZERO;
         for start in (0..self.keys).step_by(BATCH) {
             let batch: Vec<(String, Value)> = (start..(start + BATCH).min(self.keys))
                 .map(|i| (key(i), bookmark(i % BATCH, pass)))
                 .collect();
+            let started = Instant::now();
             store.put_many(&batch).await.expect("put_many");
+            in_calls += started.elapsed();
         }
-        self.rate(started)
+        self.rate_over(in_calls)
     }
 
+    /// Timed like `put_many`: the statement, its arguments' encoding
+    /// included, not the building of the batch.
     async fn bare_sqlx(&self, table: &str, pass: usize) -> Pass {
         let mut conn = sqlx::PgConnection::connect(&self.url)
             .await
             .expect("connect");
         let sql = upsert_sql(table);
-        let started = Instant::now();
+        let mut in_calls = Duration::ZERO;
         for start in (0..self.keys).step_by(BATCH) {
             let range = start..(start + BATCH).min(self.keys);
             let keys: Vec<String> = range.clone().map(key).collect();
-            let values: Vec<String> = range
-                .map(|i| bookmark(i % BATCH, pass).to_string())
-                .collect();
+            let values: Vec<Value> = range.map(|i| bookmark(i % BATCH, pass)).collect();
+            let started = Instant::now();
+            let values: Vec<String> = values.iter().map(Value::to_string).collect();
             sqlx::query(&sql)
                 .bind(keys)
                 .bind(values)
                 .execute(&mut conn)
                 .await
                 .expect("bare upsert");
+            in_calls += started.elapsed();
         }
-        self.rate(started)
+        self.rate_over(in_calls)
     }
 
     async fn upstream(&self) -> Pass {
@@ -169,9 +184,9 @@ impl Bench {
         }
     }
 
-    fn rate(&self, started: Instant) -> Pass {
+    fn rate_over(&self, elapsed: Duration) -> Pass {
         Pass {
-            rows_per_sec: self.keys as f64 / started.elapsed().as_secs_f64(),
+            rows_per_sec: self.keys as f64 / elapsed.as_secs_f64(),
             latencies: Vec::new(),
         }
     }
@@ -294,7 +309,7 @@ fn main() {
         let upstream = upstream.rows_per_sec;
 
         // The server's limit first, so that every later line can be compared.
-        let target = bench.plain("sustained_pgbench", true, None).await;
+        let target = bench.plain("sustained_pgbench", false, None).await;
         let _ = bench.bare_sqlx(target.table(), 0).await;
         let limit = bench.pgbench(target.table());
         match limit {
@@ -307,9 +322,9 @@ fn main() {
         let bare = bench.bare_sqlx(target.table(), 1).await;
         report("bare sqlx loop, update pass", &bare, upstream, limit);
 
-        for prepared in [false, true] {
-            let mode = if prepared { "prepared" } else { "default" };
-            let store = bench.plain("sustained_many", prepared, None).await;
+        for messages in [false, true] {
+            let mode = if messages { "messages" } else { "default" };
+            let store = bench.plain("sustained_many", messages, None).await;
             let _ = bench.put_many(&store, 0).await;
             let pass = bench.put_many(&store, 1).await;
             report(
@@ -320,12 +335,15 @@ fn main() {
             );
         }
 
-        for (prepared, fillfactor) in [(false, 100), (true, 100), (true, 80)] {
+        for (messages, fillfactor) in [(true, 100), (false, 100), (false, 80)] {
             let ff = format!(", fillfactor {fillfactor}");
-            let mode = format!("{}{ff}", if prepared { "prepared" } else { "default" });
+            let mode = format!("{}{ff}", if messages { "messages" } else { "default" });
             let plain = bench
-                .plain("sustained_wb", prepared, Some(fillfactor))
+                .plain("sustained_wb", messages, Some(fillfactor))
                 .await;
+            // The next pass's store is built on this one's pool, which
+            // cannot tell its endpoint: it gets the form this one chose.
+            let prepared = plain.prepared_statements();
             let (insert, table) = bench.write_behind(plain, 0).await;
             report(
                 &format!("write_behind ({mode}), insert pass"),

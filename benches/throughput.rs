@@ -12,6 +12,15 @@
 //! (which ping a connection on every acquire). `baseline_no_ping` is the same
 //! with that ping turned off, to show how much of the gap the ping alone
 //! explains.
+//!
+//! Stores without a suffix have the default options, so on this direct
+//! connection their statements go prepared; `_messages` pins the
+//! one-message-per-call form (`with_prepared_statements(false)`), which is
+//! what a store behind a transaction pooler sends. `_via_pgbouncer` rows go
+//! through a PgBouncer in transaction mode in front of the same server
+//! (left out with `DATABASE_URL`, or without PgBouncer installed): the
+//! default store there, and the pinned message form, which is what the
+//! default was before the form was chosen per endpoint.
 
 mod common;
 #[path = "../tests/support/mod.rs"]
@@ -92,17 +101,41 @@ impl Env {
     }
 
     async fn plain(&self, tag: &str) -> PostgresStateStore {
-        let store =
-            PostgresStateStore::connect_with(&self.url, POOL_SIZE, &support::unique_table(tag))
-                .await
-                .expect("connect");
+        self.plain_at(&self.url, tag).await
+    }
+
+    async fn plain_at(&self, url: &str, tag: &str) -> PostgresStateStore {
+        let store = PostgresStateStore::connect_with(url, POOL_SIZE, &support::unique_table(tag))
+            .await
+            .expect("connect");
         store.ensure_table().await.expect("table");
         store
     }
 
-    /// The plain store in prepared mode (`with_prepared_statements`).
-    async fn prepared(&self, tag: &str) -> PostgresStateStore {
-        self.plain(tag).await.with_prepared_statements(true)
+    /// The plain store pinned to one message per call.
+    async fn messages(&self, tag: &str) -> PostgresStateStore {
+        self.plain(tag).await.with_prepared_statements(false)
+    }
+
+    /// The plain store through PgBouncer, default and pinned to messages
+    /// (both send messages there); none without a PgBouncer.
+    async fn via_pgbouncer(&self, tag: &str) -> Vec<(&'static str, Subject)> {
+        let Some(url) = support::pgbouncer_url() else {
+            return Vec::new();
+        };
+        let default = self.plain_at(&url, tag).await;
+        assert!(!default.prepared_statements(), "PgBouncer is found out");
+        let messages = self
+            .plain_at(&url, tag)
+            .await
+            .with_prepared_statements(false);
+        vec![
+            ("plain_via_pgbouncer", Subject::Store(Arc::new(default))),
+            (
+                "plain_messages_via_pgbouncer",
+                Subject::Store(Arc::new(messages)),
+            ),
+        ]
     }
 
     async fn baseline(&self, ping: bool) -> Subject {
@@ -156,19 +189,22 @@ impl Env {
                 ),
             ];
             subjects.push((
-                "plain_prepared",
-                Subject::Store(Arc::new(self.prepared("plain_prepared").await)),
+                "plain_messages",
+                Subject::Store(Arc::new(self.messages("plain_messages").await)),
                 None,
             ));
-            for (name, durability, prepared) in [
+            for (name, subject) in self.via_pgbouncer("plain_pgbouncer").await {
+                subjects.push((name, subject, None));
+            }
+            for (name, durability, messages) in [
                 ("write_through", Durability::WriteThrough, false),
-                ("write_through_prepared", Durability::WriteThrough, true),
+                ("write_through_messages", Durability::WriteThrough, true),
                 ("group_commit", Durability::GroupCommit, false),
-                ("group_commit_prepared", Durability::GroupCommit, true),
+                ("group_commit_messages", Durability::GroupCommit, true),
                 ("write_behind", Durability::WriteBehind, false),
             ] {
-                let plain = if prepared {
-                    self.prepared(name).await
+                let plain = if messages {
+                    self.messages(name).await
                 } else {
                     self.plain(name).await
                 };
@@ -343,12 +379,15 @@ fn gets(c: &mut Criterion) {
                 Subject::Store(Arc::new(env.plain("plain_get").await)),
             ),
             (
-                "plain_prepared",
-                Subject::Store(Arc::new(env.prepared("prepared_get").await)),
+                "plain_messages",
+                Subject::Store(Arc::new(env.messages("messages_get").await)),
             ),
             ("cached_hit", Subject::Store(hit)),
             ("cached_miss", Subject::Store(miss)),
         ]
+        .into_iter()
+        .chain(env.via_pgbouncer("pgbouncer_get").await)
+        .collect()
     });
     let value = json!({"lsn": "0/16B3748", "ts": 1_764_000_000});
     let mut group = c.benchmark_group("get");
@@ -387,18 +426,18 @@ fn group_commit_rounds(_: &mut Criterion) {
     let run_for = Duration::from_millis(if full { 5_000 } else { 200 });
     let subjects = [
         ("group_commit", false, 2),
-        ("group_commit_prepared", true, 2),
-        ("group_commit_prepared_one_batch_at_a_time", true, 1),
+        ("group_commit_messages", true, 2),
+        ("group_commit_one_batch_at_a_time", false, 1),
     ];
     let keys_per_task = DISTINCT_KEYS / 64;
     let workload = Workload::new(64, keys_per_task, |t, i| format!("t{t}-{i}"));
     // One pass over every key: the measured puts then update rows that
     // exist, as the statements measured alone below do.
     let every_key = (64 * keys_per_task) as u64;
-    for (name, prepared, concurrent) in subjects {
+    for (name, messages, concurrent) in subjects {
         let store = env.rt.block_on(async {
-            let plain = if prepared {
-                env.prepared("rounds").await
+            let plain = if messages {
+                env.messages("rounds").await
             } else {
                 env.plain("rounds").await
             };
@@ -445,10 +484,10 @@ fn group_commit_rounds(_: &mut Criterion) {
                 .collect()
         })
         .collect();
-    for (name, prepared) in [("default", false), ("prepared", true)] {
+    for (name, messages) in [("default", false), ("messages", true)] {
         let per_statement = env.rt.block_on(async {
-            let plain = if prepared {
-                env.prepared("lone").await
+            let plain = if messages {
+                env.messages("lone").await
             } else {
                 env.plain("lone").await
             };

@@ -284,17 +284,33 @@
 //!
 //! # Connections, deadlines and PgBouncer
 //!
-//! By default every operation is one simple-protocol message, `SET LOCAL
-//! statement_timeout = …; <statement>`, with its inputs written as escaped
-//! literals. The server runs it as one implicit transaction, so:
+//! Statements take one of two forms, chosen when a store connects (see
+//! [`with_prepared_statements`](PostgresStateStore::with_prepared_statements)).
+//! The first connection is opened with a startup setting that only a server
+//! session of its own applies; a transaction pooler such as PgBouncer
+//! refuses or drops it.
+//!
+//! - **On a direct connection** (or a proxy that keeps one server session
+//!   per client), `get`, `put`, `delete`, `compare_and_put` and batch
+//!   writes go as prepared statements: parsed and planned once per
+//!   connection, then one round trip. The server-side bound is the
+//!   session's `statement_timeout`, set on every connection the store
+//!   opens.
+//! - **Anywhere else**, and for a pool given to
+//!   [`from_pool`](PostgresStateStore::from_pool), every operation is one
+//!   simple-protocol message, `SET LOCAL statement_timeout = …;
+//!   <statement>`, with its inputs written as escaped literals, which the
+//!   server runs as one implicit transaction; no prepared statement and no
+//!   session state outlive it.
+//!
+//! Either way:
 //!
 //! - every statement ends within
 //!   [`statement_timeout`](PostgresStateStore::with_statement_timeout)
 //!   (default [`DEFAULT_STATEMENT_TIMEOUT`], 30 s), enforced by the server
 //!   and, one second later, by the client, which then closes that
 //!   connection rather than reuse it;
-//! - no prepared statement and no session state outlive the message, so both
-//!   stores work behind **PgBouncer in transaction pooling mode** (what
+//! - both stores work behind **PgBouncer in transaction pooling mode** (what
 //!   managed PostgreSQL services put in front of the database) with
 //!   PgBouncer's default settings. Pools the store opens send no
 //!   `extra_float_digits`, a startup parameter PgBouncer refuses; build a
@@ -304,7 +320,9 @@
 //! The constructors that open a pool also turn on TCP keepalive at the
 //! server's end of each connection (30 s idle, then a probe every 10 s, 3
 //! probes), so a backend whose client vanished is ended within about a
-//! minute; that one socket setting is the only session state they leave.
+//! minute. Behind a pooler that one socket setting is the only session
+//! state they leave; on a direct connection the session also keeps the
+//! statement timeout and the client check below.
 //!
 //! A statement whose caller gave up (a dropped future, a dropped store) has
 //! its connection closed, but PostgreSQL notices a closed connection only
@@ -319,12 +337,6 @@
 //! connection of a client that left mid-transaction, as PgBouncer does. A
 //! pool given to [`from_pool`](PostgresStateStore::from_pool) keeps its own
 //! settings; set the parameter there (or on the server) to get the same.
-//!
-//! On connections that keep their session (not a transaction pooler),
-//! [`with_prepared_statements`](PostgresStateStore::with_prepared_statements)
-//! sends the frequent statements as prepared statements instead: no parse or
-//! plan per call, and the server-side timeout comes from the session, set on
-//! every connection the store opens.
 //!
 //! The constructors that open a pool turn off sqlx's ping-before-acquire,
 //! which costs a round trip per statement, and every store keeps a connection
@@ -356,8 +368,8 @@ mod test_hooks;
 // the same way whichever folder it lives in.
 use engine::{backend, cache, cached, changes, flusher, holds, memory, report, stats};
 use postgres::{
-    codec, connect, environment, exec, fence, host_choice, hosts, notify, pg, probe, reserve,
-    schema, session, sql,
+    codec, connect, environment, exec, fence, host_choice, hosts, notify, pg, pooler, probe,
+    reserve, schema, session, sql,
 };
 
 pub use backend::{BatchError, StateBackend};

@@ -85,11 +85,13 @@ pub struct PostgresStateConfig {
     /// client. Default `30s`; at least `1ms`.
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
-    /// Send statements as prepared statements: about twice as fast, but only
-    /// for connections that keep their session (not PgBouncer in
-    /// transaction mode before 1.21); see
-    /// [`PostgresStateStore::with_prepared_statements`]. Default `false`.
-    pub prepared_statements: bool,
+    /// Whether statements go as prepared statements: `true` on every
+    /// connection (only for connections that keep their session, not
+    /// PgBouncer in transaction mode before 1.21), `false` as one message
+    /// each everywhere; see
+    /// [`PostgresStateStore::with_prepared_statements`]. Default: none, the
+    /// store chooses when it connects (prepared on a direct connection).
+    pub prepared_statements: Option<bool>,
     /// Claim this fence scope (the pipeline's name, say) when connecting,
     /// fencing every earlier instance that claimed it; see
     /// [`PostgresStateStore::fence`]. Default: none (not fenced).
@@ -125,7 +127,7 @@ impl Default for PostgresStateConfig {
             retry_backoff_max: cache.get_retry_backoff_max(),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
-            prepared_statements: false,
+            prepared_statements: None,
             fence: None,
             listen_for_changes: false,
             cache_ttl: None,
@@ -185,11 +187,14 @@ impl PostgresStateConfig {
     /// cached store. Must be called inside a tokio runtime.
     pub async fn connect(&self) -> Result<CachedStateStore, FaucetError> {
         self.validate()?;
-        let plain = PostgresStateStore::connect_with(&self.url, self.max_connections, &self.table)
-            .await?
-            .with_max_value_bytes(self.max_value_bytes)
-            .with_statement_timeout(self.statement_timeout)
-            .with_prepared_statements(self.prepared_statements);
+        let mut plain =
+            PostgresStateStore::connect_with(&self.url, self.max_connections, &self.table)
+                .await?
+                .with_max_value_bytes(self.max_value_bytes)
+                .with_statement_timeout(self.statement_timeout);
+        if let Some(prepared) = self.prepared_statements {
+            plain = plain.with_prepared_statements(prepared);
+        }
         if self.ensure_table {
             plain.ensure_table().await?;
             if self.listen_for_changes {

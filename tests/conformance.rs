@@ -438,22 +438,27 @@ async fn memory() -> Subject {
     Subject::unbuffered(store, newer)
 }
 
-async fn plain_store(prepared: bool) -> PostgresStateStore {
+/// A plain store whose statements go in the form `prepared` pins, or (for
+/// `None`) the form it chose when connecting: prepared on a direct
+/// connection, one message each behind PgBouncer.
+async fn plain_store(prepared: impl Into<Option<bool>>) -> PostgresStateStore {
     let table = support::unique_table("conformance");
-    let store = PostgresStateStore::connect_with(&support::database_url(), 2, &table)
+    let mut store = PostgresStateStore::connect_with(&support::database_url(), 2, &table)
         .await
-        .unwrap()
-        .with_prepared_statements(prepared);
+        .unwrap();
+    if let Some(prepared) = prepared.into() {
+        store = store.with_prepared_statements(prepared);
+    }
     store.ensure_table().await.unwrap();
     store
 }
 
-async fn plain(prepared: bool) -> Subject {
+async fn plain(prepared: impl Into<Option<bool>>) -> Subject {
     let store = Arc::new(plain_store(prepared).await);
     Subject::unbuffered(store.clone(), newer_of(store))
 }
 
-async fn cached(durability: Durability, prepared: bool) -> Subject {
+async fn cached(durability: Durability, prepared: impl Into<Option<bool>>) -> Subject {
     let plain = plain_store(prepared).await;
     let persisted: Store =
         Arc::new(PostgresStateStore::from_pool(plain.pool().clone(), plain.table()).unwrap());
@@ -486,6 +491,11 @@ conformance!(
 conformance!(
     cached_write_behind,
     cached(Durability::WriteBehind, false).await
+);
+conformance!(plain_default_form, plain(None).await);
+conformance!(
+    cached_group_commit_default_form,
+    cached(Durability::GroupCommit, None).await
 );
 conformance!(plain_prepared, plain(true).await, direct_connections_only);
 conformance!(

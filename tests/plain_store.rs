@@ -501,7 +501,7 @@ async fn a_put_stuck_on_a_row_lock_is_cancelled_by_the_server(store: &PostgresSt
 }
 
 /// Regression: a connection the store kept from before prepared mode was
-/// turned on (the reserve bypasses the pool's check of session settings)
+/// turned on (from the message form pinned with `false`) (the reserve bypasses the pool's check of session settings)
 /// ran prepared statements without the session's statement timeout, so a
 /// put stuck on a row lock waited for the client deadline instead of being
 /// cancelled by the server.
@@ -515,9 +515,10 @@ async fn turning_prepared_mode_on_later_keeps_the_server_side_timeout() {
     let store = PostgresStateStore::connect_with(&support::database_url(), 3, &table)
         .await
         .unwrap()
+        .with_prepared_statements(false)
         .with_statement_timeout(std::time::Duration::from_millis(300));
     store.ensure_table().await.unwrap();
-    // Answered in the default mode: the connection is kept for the next call.
+    // Answered as a message: the connection is kept for the next call.
     store.put("a", &json!(1)).await.unwrap();
     let store = store.with_prepared_statements(true);
     a_put_stuck_on_a_row_lock_is_cancelled_by_the_server(&store).await;

@@ -26,6 +26,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use crate::error::{StoreError, describe_sqlx};
 use crate::host_choice::HostChoice;
 use crate::hosts::{HostList, SessionAttrs};
+use crate::pooler::{self, Endpoint};
 use crate::session::SessionSettings;
 use crate::sql::client_check_session_sql;
 
@@ -78,14 +79,26 @@ pub(crate) fn pool_options(
         })
 }
 
-/// Opens the store's pool for `url`, and for a URL that lists several hosts
-/// or asks for a kind of session, the [`HostChoice`] that keeps it pointed
-/// at the right host.
+/// A pool the store opened, and what its first connection found out.
+pub(crate) struct Connected {
+    pub pool: PgPool,
+    /// For a URL that lists several hosts or asks for a kind of session:
+    /// what keeps the pool pointed at the right host.
+    pub choice: Option<Arc<HostChoice>>,
+    /// Whether connections reach a server session of their own (see
+    /// `pooler.rs`).
+    pub endpoint: Endpoint,
+}
+
+/// Opens the store's pool for `url` (see [`Connected`]). The first
+/// connection's answers (whether the server takes the client check, whether
+/// it is a session of its own) are recorded in `session` before the pool
+/// opens its connections, so that each is set up for the form chosen.
 pub(crate) async fn connect_pool(
     url: &str,
     max_connections: u32,
     session: Arc<SessionSettings>,
-) -> Result<(PgPool, Option<Arc<HostChoice>>), StoreError> {
+) -> Result<Connected, StoreError> {
     let connect_error = |e: sqlx::Error| connect_failed(url, describe_sqlx(&e));
     let list = HostList::parse(url).map_err(|reason| connect_failed(url, reason))?;
     if list.needs_choosing() {
@@ -98,16 +111,20 @@ pub(crate) async fn connect_pool(
         .extra_float_digits(None);
     // Bounded like the pool's own connects: an address that drops packets
     // would otherwise hold the caller for the system's TCP timeout.
-    let mut first = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options))
-        .await
-        .map_err(|_| StoreError::Connect {
-            target: redact_url(url),
-            reason: format!(
-                "no answer within {ACQUIRE_TIMEOUT:?}; check the host, the port and any firewall"
-            ),
-        })?
-        .map_err(connect_error)?;
+    let (mut first, endpoint) = tokio::time::timeout(
+        ACQUIRE_TIMEOUT,
+        pooler::connect_and_probe(&options),
+    )
+    .await
+    .map_err(|_| StoreError::Connect {
+        target: redact_url(url),
+        reason: format!(
+            "no answer within {ACQUIRE_TIMEOUT:?}; check the host, the port and any firewall"
+        ),
+    })?
+    .map_err(connect_error)?;
     session.set_client_check(accepts_client_check(&mut first).await);
+    session.set_prepared(endpoint == Endpoint::Direct);
     // The pool opens its own connections; this one has done its job. A
     // close that hangs is abandoned (the socket is dropped with it).
     let _ = tokio::time::timeout(ACQUIRE_TIMEOUT, first.close()).await;
@@ -115,7 +132,11 @@ pub(crate) async fn connect_pool(
         .connect_with(options)
         .await
         .map_err(connect_error)?;
-    Ok((pool, None))
+    Ok(Connected {
+        pool,
+        choice: None,
+        endpoint,
+    })
 }
 
 /// `connect_pool` for a URL whose host must be chosen: the first host that
@@ -125,7 +146,7 @@ async fn connect_choosing(
     list: HostList,
     max_connections: u32,
     session: Arc<SessionSettings>,
-) -> Result<(PgPool, Option<Arc<HostChoice>>), StoreError> {
+) -> Result<Connected, StoreError> {
     let failed = |reason: String| connect_failed(url, reason);
     let options = (0..list.hosts.len())
         .map(|index| {
@@ -135,15 +156,32 @@ async fn connect_choosing(
         .collect::<Result<Vec<_>, String>>()
         .map_err(failed)?;
     let choice = Arc::new(HostChoice::new(list, options));
-    let (index, mut first) = choice.search().await.map_err(failed)?;
+    let (index, chosen) = choice.search().await.map_err(failed)?;
     choice.settle_on(index, None);
+    let _ = tokio::time::timeout(ACQUIRE_TIMEOUT, chosen.close()).await;
+    // The search's connection carried no probe: ask the chosen host again.
+    let chosen_options = choice.current_options();
+    let probed = pooler::connect_and_probe(&chosen_options);
+    let (mut first, endpoint) = tokio::time::timeout(ACQUIRE_TIMEOUT, probed)
+        .await
+        .map_err(|_| {
+            failed(format!(
+                "the chosen host gave no answer within {ACQUIRE_TIMEOUT:?}"
+            ))
+        })?
+        .map_err(|e| failed(describe_sqlx(&e)))?;
     session.set_client_check(accepts_client_check(&mut first).await);
+    session.set_prepared(endpoint == Endpoint::Direct);
     let _ = tokio::time::timeout(ACQUIRE_TIMEOUT, first.close()).await;
     let pool = pool_options(max_connections, session, Some(choice.clone()))
         .connect_with(choice.current_options())
         .await
         .map_err(|e| failed(describe_sqlx(&e)))?;
-    Ok((pool, Some(choice)))
+    Ok(Connected {
+        pool,
+        choice: Some(choice),
+        endpoint,
+    })
 }
 
 /// Connecting to `url` failed for `reason`: the error names every host of the

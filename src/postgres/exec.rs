@@ -2,7 +2,8 @@
 //! is closed rather than reused when its answer did not come.
 //!
 //! - **Deadline.** The server ends a statement after `statement_timeout`
-//!   (each message sets it with `SET LOCAL`). The client waits that long
+//!   (each message sets it with `SET LOCAL`; the session has it in the
+//!   prepared form, see `session.rs`). The client waits that long
 //!   plus [`CLIENT_GRACE`] for the answer, so a connection that stalls (a
 //!   half-open TCP connection after a partition, a proxy that stops
 //!   forwarding) cannot hold a caller forever either.

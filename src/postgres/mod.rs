@@ -10,6 +10,7 @@ pub(crate) mod host_choice;
 pub(crate) mod hosts;
 pub(crate) mod notify;
 pub(crate) mod pg;
+pub(crate) mod pooler;
 pub(crate) mod probe;
 pub(crate) mod reserve;
 pub(crate) mod schema;

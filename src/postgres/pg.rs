@@ -24,6 +24,7 @@ use crate::error::{StoreError, describe_sqlx, refuses_rows, sqlstate};
 use crate::exec::{DEFAULT_STATEMENT_TIMEOUT, Executor, outcome_unknown};
 use crate::fence::{self, FENCED_SQLSTATE, Fence};
 use crate::host_choice::HostChoice;
+use crate::pooler::Endpoint;
 use crate::session::SessionSettings;
 use crate::sql::{Prepared, Statements, timeout_millis};
 use crate::{probe, schema};
@@ -67,8 +68,10 @@ pub struct PostgresStateStore {
     exec: Executor,
     table: TableName,
     sql: Statements,
-    /// `Some` in prepared mode: get, put, delete and batch writes go as
-    /// prepared statements.
+    /// `Some` when get, put, delete and batch writes go as prepared
+    /// statements: where the first connection found a server session of its
+    /// own (`pooler.rs`), unless told otherwise (see
+    /// [`with_prepared_statements`](Self::with_prepared_statements)).
     prepared: Option<Prepared>,
     /// Settings of the connections this store opened itself; `None` for a
     /// pool from `from_pool`.
@@ -120,9 +123,12 @@ impl PostgresStateStore {
         let table = TableName::parse(table)?;
         let max_connections = validate_max_connections(max_connections)?;
         let session = Arc::new(SessionSettings::new(DEFAULT_STATEMENT_TIMEOUT));
-        let (pool, choice) = connect_pool(url, max_connections, session.clone()).await?;
-        let mut store = Self::with_table(pool, table);
-        store.exec = store.exec.with_host_choice(choice);
+        let connected = connect_pool(url, max_connections, session.clone()).await?;
+        let mut store = Self::with_table(connected.pool, table);
+        store.exec = store.exec.with_host_choice(connected.choice);
+        // The session was set up for this form before the pool connected.
+        let direct = connected.endpoint == Endpoint::Direct;
+        store.prepared = direct.then(|| Prepared::new(&store.table));
         store.client_check = session.client_check();
         store.session = Some(session);
         store.sql = store.statements(DEFAULT_STATEMENT_TIMEOUT);
@@ -214,7 +220,7 @@ impl PostgresStateStore {
     /// of [`list`](Self::list)), goes up by one; it waits for writes of older
     /// claimants that are in flight, so none lands after it. The scope
     /// follows the state-key rules. Fenced writes are sent as simple-protocol
-    /// messages (a guard, then the write) even in prepared mode.
+    /// messages (a guard, then the write) even where other statements go prepared.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), faucet_core::FaucetError> {
@@ -302,35 +308,46 @@ impl PostgresStateStore {
         self.exec.statement_timeout()
     }
 
-    /// Sends `get`, `put`, `delete` and batch writes (the cached store's
-    /// flushes, `put_many`, `delete_many`) as prepared statements: each is
-    /// parsed and planned once per connection, then costs one round trip of
-    /// a few bytes. Measured here, that makes a `get` or a `put` about twice
-    /// as fast as the default simple-protocol message (see the README's
-    /// performance section). Off by default.
+    /// Chooses the form of `get`, `put`, `delete`, `compare_and_put` and
+    /// batch writes (the cached store's flushes, `put_many`, `delete_many`)
+    /// instead of leaving it to the store: `true` sends them as prepared
+    /// statements on every connection, `false` as one simple-protocol
+    /// message each on every connection.
     ///
-    /// **Only for connections that keep their session**: a direct connection
-    /// to PostgreSQL, or a pooler in session mode, or PgBouncer 1.21 or later
-    /// with `max_prepared_statements` set. Behind a pooler in transaction
-    /// mode without that, named prepared statements meet server connections
-    /// that never saw them, and statements fail with "prepared statement …
-    /// does not exist"; keep the default there.
+    /// Without this call, a store that opened its own pool (`connect`,
+    /// `connect_with`, `PostgresStateConfig`) chose when it connected: its
+    /// first connection was opened with a startup setting that only a
+    /// server session of its own applies (a transaction pooler such as
+    /// PgBouncer refuses or drops it), and on such a direct connection the
+    /// statements go prepared; anywhere else, and for a pool given to
+    /// [`from_pool`](Self::from_pool), they go as messages. A prepared
+    /// statement is parsed and planned once per connection, then costs one
+    /// round trip of a few bytes: about 1.5 times as fast for a `get` as
+    /// the message (see the README's performance section).
     ///
-    /// The server-side bound is then the session's `statement_timeout`, set
-    /// on every connection a store opens (`connect`, `connect_with`,
-    /// `PostgresStateConfig`); connections opened before this call, or before
-    /// a later [`with_statement_timeout`](Self::with_statement_timeout), are
-    /// replaced on their next use. A pool given to [`from_pool`](Self::from_pool)
+    /// `true` is **only for connections that keep their session**: a direct
+    /// connection to PostgreSQL, a pooler in session mode, or PgBouncer 1.21
+    /// or later with `max_prepared_statements` set. Behind a pooler in
+    /// transaction mode without that, named prepared statements meet server
+    /// connections that never saw them. `false` is for a URL that may turn
+    /// from a server into a transaction pooler while the store runs, which
+    /// the check at connect cannot foresee.
+    ///
+    /// The server-side bound of a prepared statement is the session's
+    /// `statement_timeout`, set on every connection a store opens;
+    /// connections opened before this call, or before a later
+    /// [`with_statement_timeout`](Self::with_statement_timeout), are replaced
+    /// on their next use. A pool given to [`from_pool`](Self::from_pool)
     /// keeps its own session settings: the store does not change them, and
-    /// only the client-side deadline applies unless that pool sets
-    /// `statement_timeout` itself.
+    /// only the client-side deadline applies to its prepared statements
+    /// unless that pool sets `statement_timeout` itself.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// # let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://localhost/x").unwrap();
-    /// let store = faucet_state_postgres::PostgresStateStore::from_pool(pool, "state")
-    ///     .unwrap()
-    ///     .with_prepared_statements(true);
+    /// let store = faucet_state_postgres::PostgresStateStore::from_pool(pool, "state").unwrap();
+    /// assert!(!store.prepared_statements()); // a pool of unknown kind
+    /// let store = store.with_prepared_statements(true);
     /// assert!(store.prepared_statements());
     /// # }
     /// ```
@@ -340,8 +357,9 @@ impl PostgresStateStore {
         self
     }
 
-    /// Whether statements go as prepared statements (see
-    /// [`with_prepared_statements`](Self::with_prepared_statements)).
+    /// Whether statements go as prepared statements: as chosen with
+    /// [`with_prepared_statements`](Self::with_prepared_statements), else
+    /// whether the store found a direct connection when it connected.
     pub fn prepared_statements(&self) -> bool {
         self.prepared.is_some()
     }

@@ -1,16 +1,18 @@
-//! Session settings of the connections a store opens itself, which
-//! [prepared mode](crate::PostgresStateStore::with_prepared_statements)
-//! needs.
+//! Session settings of the connections a store opens itself, which the
+//! prepared form (see `sql.rs`) needs.
 //!
 //! A simple-protocol message bounds itself with `SET LOCAL
 //! statement_timeout` (see `sql.rs`). A prepared statement cannot carry a
-//! prelude in the same round trip, so in prepared mode the bound is the
-//! session's `statement_timeout`, set when a connection opens. Changing the
-//! mode or the timeout later retires the connections opened before the
-//! change: the pool drops them on their next acquire and opens fresh ones.
+//! prelude in the same round trip, so in the prepared form the bound is the
+//! session's `statement_timeout`, set when a connection opens. Which form a
+//! store's connections take is known before its pool opens any (its first
+//! connection finds out, see `pooler.rs`); changing the form or the timeout
+//! later retires the connections opened before the change: the pool drops
+//! them on their next acquire and opens fresh ones.
 //!
-//! Nothing here runs in simple mode: behind a transaction pooler a session
-//! `SET` would leak to whichever client gets that server connection next.
+//! Nothing here runs in the message form: behind a transaction pooler a
+//! session `SET` would leak to whichever client gets that server connection
+//! next.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,6 +50,13 @@ impl SessionSettings {
     /// Whether messages should carry the client check (see `sql.rs`).
     pub(crate) fn client_check(&self) -> bool {
         self.client_check.load(Ordering::SeqCst)
+    }
+
+    /// Records whether connections are to run prepared statements, before
+    /// the pool opens any (see `pooler.rs`).
+    pub(crate) fn set_prepared(&self, prepared: bool) {
+        self.prepared.store(prepared, Ordering::SeqCst);
+        *lock(&self.changed_at) = Instant::now();
     }
 
     /// Records the store's mode and timeout. The values change before the
@@ -88,7 +97,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_prepared_mode_sets_the_session_and_a_change_retires_older_connections() {
+    fn only_the_prepared_form_sets_the_session_and_a_change_retires_older_connections() {
         let settings = SessionSettings::new(Duration::from_secs(30));
         assert_eq!(settings.on_connect_sql(), None);
         std::thread::sleep(Duration::from_millis(5));

@@ -1,9 +1,17 @@
 //! Every SQL statement the crate sends, in one place.
 //!
-//! # One message, one transaction, no prepared statements
+//! # Two forms: prepared statements, or one message each
 //!
-//! Each operation is sent as a single simple-protocol `Query` message, with
-//! its inputs written into the text as literals:
+//! Where the store's connections reach a server session of their own
+//! (found out when it connects, see `pooler.rs`), the frequent statements go
+//! as prepared statements ([`Prepared`]): parsed and planned once per
+//! connection, then one round trip of a few bytes, bounded by the session's
+//! `statement_timeout` (see `session.rs`).
+//!
+//! Anywhere else (behind a transaction pooler, or through a pool given to
+//! `from_pool`), and for every statement of a fenced store's writes, each
+//! operation is a single simple-protocol `Query` message ([`Statements`]),
+//! with its inputs written into the text as literals:
 //!
 //! ```sql
 //! SET LOCAL statement_timeout = '30000ms'; INSERT INTO "faucet_state" ... ;
@@ -367,8 +375,8 @@ impl Statements {
     }
 }
 
-/// The statements of one table as parameterized text, for
-/// [prepared mode](crate::PostgresStateStore::with_prepared_statements):
+/// The statements of one table as parameterized text, for the prepared form
+/// (see [`with_prepared_statements`](crate::PostgresStateStore::with_prepared_statements)):
 /// each is prepared once per connection (sqlx caches it by its text) and
 /// then costs one round trip and no parse or plan. The server-side timeout
 /// is the session's `statement_timeout` there (see `session.rs`), not a

@@ -62,14 +62,40 @@ pub fn database_url() -> String {
         );
         return url;
     }
-    static SHARED: OnceLock<PgServer> = OnceLock::new();
-    let server = SHARED.get_or_init(PgServer::start);
     if via_pgbouncer {
-        static BOUNCER: OnceLock<PgBouncer> = OnceLock::new();
-        return BOUNCER.get_or_init(|| PgBouncer::start(server)).url();
+        return shared_pgbouncer().url();
     }
-    server.url()
+    shared_server().url()
 }
+
+/// This process's throwaway server.
+fn shared_server() -> &'static PgServer {
+    static SHARED: OnceLock<PgServer> = OnceLock::new();
+    SHARED.get_or_init(PgServer::start)
+}
+
+/// A PgBouncer in transaction pooling mode in front of this process's
+/// throwaway server.
+fn shared_pgbouncer() -> &'static PgBouncer {
+    static BOUNCER: OnceLock<PgBouncer> = OnceLock::new();
+    BOUNCER.get_or_init(|| PgBouncer::start(shared_server()))
+}
+
+/// The URL of a PgBouncer in transaction pooling mode in front of the
+/// server `database_url()` names, for benchmarks that compare the two;
+/// `None` with `DATABASE_URL` (the server is not ours to front) or without
+/// PgBouncer installed.
+pub fn pgbouncer_url() -> Option<String> {
+    let installed = PGBOUNCER_PATHS.iter().any(|path| Path::new(path).is_file());
+    (is_throwaway() && installed).then(|| shared_pgbouncer().url())
+}
+
+/// Where Debian and others install PgBouncer.
+const PGBOUNCER_PATHS: [&str; 3] = [
+    "/usr/sbin/pgbouncer",
+    "/usr/bin/pgbouncer",
+    "/usr/local/bin/pgbouncer",
+];
 
 /// A PgBouncer in transaction pooling mode in front of a throwaway server,
 /// with PgBouncer's defaults otherwise (no `ignore_startup_parameters`). Like
@@ -83,21 +109,26 @@ pub struct PgBouncer {
 
 impl PgBouncer {
     pub fn start(server: &PgServer) -> PgBouncer {
-        let binary = [
-            "/usr/sbin/pgbouncer",
-            "/usr/bin/pgbouncer",
-            "/usr/local/bin/pgbouncer",
-        ]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "{VIA_PGBOUNCER} is set but pgbouncer is not installed \
+        PgBouncer::start_with(server, "")
+    }
+
+    /// `start`, with `settings` (lines of the `[pgbouncer]` section) added
+    /// to the configuration.
+    pub fn start_with(server: &PgServer, settings: &str) -> PgBouncer {
+        let binary = PGBOUNCER_PATHS
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|path| path.is_file())
+            .unwrap_or_else(|| {
+                panic!(
+                    "{VIA_PGBOUNCER} is set but pgbouncer is not installed \
                      (Debian/Ubuntu: `apt-get install pgbouncer`)"
-            )
-        });
-        let root = server.root.join("pgbouncer");
+                )
+            });
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let root = server
+            .root
+            .join(format!("pgbouncer{}", NEXT.fetch_add(1, Ordering::Relaxed)));
         std::fs::create_dir_all(&root).expect("create the PgBouncer dir");
         let port = free_port();
         std::fs::write(
@@ -112,7 +143,7 @@ impl PgBouncer {
                  [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
                  unix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {root}/userlist.txt\n\
                  pool_mode = transaction\nmax_client_conn = 1000\ndefault_pool_size = 8\n\
-                 logfile = {root}/pgbouncer.log\n",
+                 logfile = {root}/pgbouncer.log\n{settings}\n",
                 server_port = server.port,
                 root = path_str(&root),
             ),
