@@ -511,11 +511,73 @@ fn group_commit_rounds(_: &mut Criterion) {
     }
 }
 
+/// Where a durable one-row put's time goes, on one connection with sqlx:
+/// the ping 1.0.1 sends before every statement (sqlx's
+/// `test_before_acquire`), the prepared upsert the plain store sends, and
+/// the same upsert with `synchronous_commit = off`, which skips the wait
+/// for the commit's WAL flush. 1.0.1's put is a ping plus the upsert; the
+/// plain store's is the upsert alone, so the ratio between them is at most
+/// (ping + upsert) / upsert. Two alternating rounds; printed, not a
+/// criterion measurement.
+fn put_breakdown(_: &mut Criterion) {
+    use sqlx::Connection;
+    let env = Env::new();
+    let run_for = Duration::from_millis(if common::full_run() { 3_000 } else { 100 });
+    env.rt.block_on(async {
+        let table = env.plain("breakdown").await.table().to_owned();
+        let mut conn = sqlx::PgConnection::connect(&env.url)
+            .await
+            .expect("connect");
+        let upsert = format!(
+            "INSERT INTO \"{table}\" (key, value) VALUES ($1, $2::jsonb) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = NOW()"
+        );
+        let keys: Vec<String> = (0..DISTINCT_KEYS).map(|i| format!("k{i}")).collect();
+        let values: Vec<String> = (0..VALUES).map(|i| bookmark(i).to_string()).collect();
+        for round in 1..=2 {
+            let started = Instant::now();
+            let mut pings = 0u32;
+            while started.elapsed() < run_for {
+                conn.ping().await.expect("ping");
+                pings += 1;
+            }
+            let ping = started.elapsed() / pings;
+            let mut upserts = [Duration::ZERO; 2];
+            for (commit, setting) in [(0, "on"), (1, "off")] {
+                sqlx::raw_sql(&format!("SET synchronous_commit = {setting}"))
+                    .execute(&mut conn)
+                    .await
+                    .expect("set synchronous_commit");
+                let started = Instant::now();
+                let mut sent = 0usize;
+                while started.elapsed() < run_for {
+                    sqlx::query(&upsert)
+                        .bind(&keys[sent % keys.len()])
+                        .bind(&values[sent % values.len()])
+                        .execute(&mut conn)
+                        .await
+                        .expect("upsert");
+                    sent += 1;
+                }
+                upserts[commit] = started.elapsed() / sent as u32;
+            }
+            let [durable, unflushed] = upserts;
+            println!(
+                "breakdown/round {round}: ping {ping:?}, prepared upsert {durable:?} \
+                 (of which waiting for the WAL flush {:?}: {unflushed:?} with \
+                 synchronous_commit off), so 1.0.1 / plain put at most {:.2}x",
+                durable.saturating_sub(unflushed),
+                (ping + durable).as_secs_f64() / durable.as_secs_f64()
+            );
+        }
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = puts, flushes, gets, group_commit_rounds
+    targets = puts, flushes, gets, group_commit_rounds, put_breakdown
 }
 criterion_main!(benches);

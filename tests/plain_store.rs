@@ -620,11 +620,12 @@ async fn put_batch_writes_every_entry_or_none() {
         ("a".to_owned(), json!(1)),
         ("b".to_owned(), json!(2)),
         ("a".to_owned(), json!(3)),
+        ("a".to_owned(), json!(4)),
     ];
     store.put_batch(&batch).await.unwrap();
     assert_eq!(
         store.get_many(&["a", "b"]).await.unwrap(),
-        [Some(json!(3)), Some(json!(2))]
+        [Some(json!(4)), Some(json!(2))]
     );
     let bad = vec![("c".to_owned(), json!(1)), ("bad key".to_owned(), json!(2))];
     assert!(store.put_batch(&bad).await.is_err());

@@ -73,8 +73,18 @@ pub(crate) async fn connect_and_probe(
     // A simple-protocol message: through a transaction pooler, sqlx's
     // prepared form would span two transactions.
     let sql = format!("SELECT current_setting('{PROBE_SETTING}', true)");
-    let row = sqlx::Executor::fetch_one(&mut conn, sqlx::raw_sql(&sql)).await?;
-    let read: Option<String> = row.try_get(0)?;
+    let read: Option<String> = match sqlx::Executor::fetch_one(&mut conn, sqlx::raw_sql(&sql)).await
+    {
+        Ok(row) => row.try_get(0)?,
+        // Something that speaks the protocol but not this function: no
+        // proof of a session of its own. The connection is still usable
+        // (the message's implicit transaction ended with its error).
+        Err(sqlx::Error::Database(refusal)) => {
+            tracing::debug!(%refusal, "the probe's setting could not be read back");
+            None
+        }
+        Err(other) => return Err(other),
+    };
     let endpoint = if read.as_deref() == Some(nonce.as_str()) {
         Endpoint::Direct
     } else {
