@@ -8,6 +8,7 @@
 //! checks the pooler's side when the run goes through PgBouncer
 //! (`FAUCET_TEST_VIA_PGBOUNCER`).
 
+mod fault_support;
 mod row_locks;
 mod support;
 
@@ -154,4 +155,24 @@ async fn behind_pgbouncer_statements_stay_messages_whether_it_refuses_or_drops_t
         concurrent_puts_and_gets_are_answered(&store).await;
         a_stuck_put_is_ended_by_the_server(&store, &server.url()).await;
     }
+}
+
+/// A TCP proxy that keeps one server session per client connection (as
+/// HAProxy or a failover endpoint does) passes the startup packet on: the
+/// session applies the probe, and statements go prepared.
+#[tokio::test]
+async fn behind_a_tcp_proxy_the_session_is_its_own_and_statements_go_prepared() {
+    if !support::is_throwaway() {
+        eprintln!("skipped: starts its own server");
+        return;
+    }
+    let server = PgServer::start();
+    let proxy = fault_support::FaultProxy::start(server.port()).await;
+    let url = fault_support::with_port(&server.url(), proxy.port());
+    let store = store_at(&url, 2)
+        .await
+        .with_statement_timeout(Duration::from_millis(300));
+    assert!(store.prepared_statements(), "a proxied session of its own");
+    a_stuck_put_is_ended_by_the_server(&store, &server.url()).await;
+    concurrent_puts_and_gets_are_answered(&store).await;
 }

@@ -280,10 +280,12 @@ impl PostgresStateStore {
     /// Sets how long any statement this store sends may run (default
     /// [`DEFAULT_STATEMENT_TIMEOUT`], 30 s), between 1 ms and about 24 days.
     ///
-    /// The server enforces it (each statement sets `statement_timeout` for
-    /// its own transaction: SQLSTATE 57014 past it), and so does the client,
-    /// one second later, for a connection that stalls without an answer: that
-    /// connection is closed, and the call fails with an error saying so.
+    /// The server enforces it (SQLSTATE 57014 past it: each message sets
+    /// `statement_timeout` for its own transaction, and where statements go
+    /// prepared, each connection the store opens has it as a session
+    /// setting), and so does the client, one second later, for a connection
+    /// that stalls without an answer: that connection is closed, and the
+    /// call fails with an error saying so.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
