@@ -70,20 +70,14 @@ struct Pass {
 }
 
 impl Bench {
-    /// A plain store with default options, or pinned to one message per
-    /// call (`messages`).
+    /// A plain store on a table of its own (see `on_table`).
     async fn plain(
         &self,
         tag: &str,
         messages: bool,
         fillfactor: Option<u32>,
     ) -> PostgresStateStore {
-        let mut store = PostgresStateStore::connect_with(&self.url, 5, &support::unique_table(tag))
-            .await
-            .expect("connect");
-        if messages {
-            store = store.with_prepared_statements(false);
-        }
+        let store = self.on_table(&support::unique_table(tag), messages).await;
         store.ensure_table().await.expect("table");
         if let Some(fillfactor) = fillfactor {
             sqlx::raw_sql(&format!(
@@ -97,8 +91,8 @@ impl Bench {
         store
     }
 
-    /// A plain store on the existing `table`, default or pinned to
-    /// messages.
+    /// A plain store on `table` with default options, or pinned to one
+    /// message per call (`messages`).
     async fn on_table(&self, table: &str, messages: bool) -> PostgresStateStore {
         let store = PostgresStateStore::connect_with(&self.url, 5, table)
             .await

@@ -480,24 +480,7 @@ async fn prepared_mode_prepares_statements_and_keeps_the_server_side_timeout() {
     );
     assert_eq!(timeout, "300ms");
 
-    a_put_stuck_on_a_row_lock_is_cancelled_by_the_server(&store).await;
-}
-
-/// A put of key `a` (which must have a row) that waits on a row lock longer
-/// than the store's timeout is cancelled by the server (SQLSTATE 57014), not
-/// by the client one second later; once the lock is gone, puts go through.
-async fn a_put_stuck_on_a_row_lock_is_cancelled_by_the_server(store: &PostgresStateStore) {
-    let holder = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&support::database_url())
-        .await
-        .unwrap();
-    let tx = row_locks::lock_row(&holder, store.table(), "a").await;
-    let err = store.put("a", &json!(2)).await.unwrap_err().to_string();
-    assert!(err.contains("statement timeout"), "{err}");
-    tx.rollback().await.unwrap();
-    store.put("a", &json!(3)).await.unwrap();
-    assert_eq!(store.get("a").await.unwrap(), Some(json!(3)));
+    row_locks::a_stuck_put_is_ended_by_the_server(&store, &support::database_url(), "a").await;
 }
 
 /// Regression: a connection the store kept from before prepared mode was
@@ -521,7 +504,7 @@ async fn turning_prepared_mode_on_later_keeps_the_server_side_timeout() {
     // Answered as a message: the connection is kept for the next call.
     store.put("a", &json!(1)).await.unwrap();
     let store = store.with_prepared_statements(true);
-    a_put_stuck_on_a_row_lock_is_cancelled_by_the_server(&store).await;
+    row_locks::a_stuck_put_is_ended_by_the_server(&store, &support::database_url(), "a").await;
 }
 
 /// faucet-core 1.16's compare-and-put, in both protocol modes: written only

@@ -17,7 +17,6 @@ use std::time::Duration;
 use faucet_core::state::StateStore;
 use faucet_state_postgres::PostgresStateStore;
 use serde_json::json;
-use sqlx::postgres::PgPoolOptions;
 use support::{PgBouncer, PgServer};
 
 async fn store_at(url: &str, max_connections: u32) -> PostgresStateStore {
@@ -40,26 +39,10 @@ fn statements_of(store: &PostgresStateStore) -> String {
     )
 }
 
-/// A put of `key` (which has a row) stuck on a row lock that `lock_url`'s
-/// connection takes ends with the server's statement timeout (57014), well
-/// before the client's deadline; once the lock is gone the put goes through.
+/// `row_locks::a_stuck_put_is_ended_by_the_server` on a key of its own.
 async fn a_stuck_put_is_ended_by_the_server(store: &PostgresStateStore, lock_url: &str) {
     store.put("locked", &json!(1)).await.unwrap();
-    let holder = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(lock_url)
-        .await
-        .unwrap();
-    let tx = row_locks::lock_row(&holder, store.table(), "locked").await;
-    let err = store
-        .put("locked", &json!(2))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("statement timeout"), "{err}");
-    tx.rollback().await.unwrap();
-    store.put("locked", &json!(3)).await.unwrap();
-    assert_eq!(store.get("locked").await.unwrap(), Some(json!(3)));
+    row_locks::a_stuck_put_is_ended_by_the_server(store, lock_url, "locked").await;
 }
 
 /// Many tasks on a few pooled connections, each writing and reading its own

@@ -111,7 +111,7 @@ pub(crate) async fn connect_pool(
         .extra_float_digits(None);
     // Bounded like the pool's own connects: an address that drops packets
     // would otherwise hold the caller for the system's TCP timeout.
-    let (mut first, endpoint) = tokio::time::timeout(
+    let (first, endpoint) = tokio::time::timeout(
         ACQUIRE_TIMEOUT,
         pooler::connect_and_probe(&options),
     )
@@ -123,11 +123,7 @@ pub(crate) async fn connect_pool(
         ),
     })?
     .map_err(connect_error)?;
-    session.set_client_check(accepts_client_check(&mut first).await);
-    session.set_prepared(endpoint == Endpoint::Direct);
-    // The pool opens its own connections; this one has done its job. A
-    // close that hangs is abandoned (the socket is dropped with it).
-    let _ = tokio::time::timeout(ACQUIRE_TIMEOUT, first.close()).await;
+    learn_from_first(first, endpoint, &session).await;
     let pool = pool_options(max_connections, session, None)
         .connect_with(options)
         .await
@@ -162,7 +158,7 @@ async fn connect_choosing(
     // The search's connection carried no probe: ask the chosen host again.
     let chosen_options = choice.current_options();
     let probed = pooler::connect_and_probe(&chosen_options);
-    let (mut first, endpoint) = tokio::time::timeout(ACQUIRE_TIMEOUT, probed)
+    let (first, endpoint) = tokio::time::timeout(ACQUIRE_TIMEOUT, probed)
         .await
         .map_err(|_| {
             failed(format!(
@@ -170,11 +166,9 @@ async fn connect_choosing(
             ))
         })?
         .map_err(|e| failed(describe_sqlx(&e)))?;
-    session.set_client_check(accepts_client_check(&mut first).await);
-    session.set_prepared(endpoint == Endpoint::Direct);
-    let _ = tokio::time::timeout(ACQUIRE_TIMEOUT, first.close()).await;
+    learn_from_first(first, endpoint, &session).await;
     let pool = pool_options(max_connections, session, Some(choice.clone()))
-        .connect_with(choice.current_options())
+        .connect_with(chosen_options)
         .await
         .map_err(|e| failed(describe_sqlx(&e)))?;
     Ok(Connected {
@@ -182,6 +176,16 @@ async fn connect_choosing(
         choice: Some(choice),
         endpoint,
     })
+}
+
+/// Records in `session` what the store's first connection found out (the
+/// client check, the statement form), before the pool opens any connection,
+/// then closes it: the pool opens its own. A close that hangs is abandoned
+/// (the socket is dropped with it).
+async fn learn_from_first(mut first: PgConnection, endpoint: Endpoint, session: &SessionSettings) {
+    session.set_client_check(accepts_client_check(&mut first).await);
+    session.set_prepared(endpoint == Endpoint::Direct);
+    let _ = tokio::time::timeout(ACQUIRE_TIMEOUT, first.close()).await;
 }
 
 /// Connecting to `url` failed for `reason`: the error names every host of the

@@ -55,8 +55,8 @@ impl SessionSettings {
     /// Records whether connections are to run prepared statements, before
     /// the pool opens any (see `pooler.rs`).
     pub(crate) fn set_prepared(&self, prepared: bool) {
-        self.prepared.store(prepared, Ordering::SeqCst);
-        *lock(&self.changed_at) = Instant::now();
+        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::SeqCst));
+        self.configure(prepared, timeout);
     }
 
     /// Records the store's mode and timeout. The values change before the
